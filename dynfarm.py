@@ -1,0 +1,1853 @@
+#!/usr/bin/env python3
+"""dynfarm: turn someone else's cloud VMs into worker nodes of your batch farm.
+
+One file, standard library only, Python 3.9+. It is:
+
+  * the site's enrollment server   (init, server, vpn, token, bootstrap, revoke)
+  * the VM's boot-time client      (client: key, enroll, OpenVPN up, customize)
+  * the admin's remote_control     (list the VMs of a provider, and more to come)
+
+Sections, in the order data flows (grep for "# === "):
+
+  constants -> errors -> seam (external commands) -> config -> store (sqlite)
+  -> PKI -> network (OpenVPN) -> server -> client -> remote_control -> CLI
+
+The enrollment API (a client can be written from this):
+
+  POST /v1/enroll   JSON body (at most 64 KiB):
+      version     sha256 hex of the client's own dynfarm.py (required)
+      token       enrollment token (required unless the TLS client certificate
+                  of an enrolled host is presented)
+      provider    the provider the client expects to join (optional)
+      machine_id, hostname, csr (PEM), host_keys (["type base64", ...]),
+      facts ({"cores": 2, ...})
+    200 {"status": "update", "sha256": H, "url": "/v1/client"}
+        the client must fetch /v1/client, check H, replace itself and rerun.
+    200 {"status": "enrolled", "name", "provider", "address", "netmask",
+         "vpn_server", "probe_port", "certificate", "openvpn_config",
+         "customization": {"ssh_keys": [...], "files": [...], "commands": [...]}}
+    4xx {"error": "one clear line"}; nothing is stored.
+  GET  /v1/client   the server's dynfarm.py; header X-Dynfarm-Sha256.
+  POST /v1/report   (client certificate required) {"ok", "steps", "ready_seconds"}
+  GET  /v1/health   {"ok": true, "version": H}
+"""
+
+import argparse
+import base64
+import configparser
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import http.server
+import ipaddress
+import json
+import os
+import platform
+import re
+import secrets
+import shlex
+import socket
+import sqlite3
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+# === Constants ===
+
+DEFAULT_CONFIG = "/etc/dynfarm/site.conf"
+CLIENT_STATE_DIR = "/var/lib/dynfarm"
+MAX_BODY = 64 * 1024
+CERT_DAYS = 825
+CA_DAYS = 3650
+CRL_DAYS = 3650
+SERVER_CN = "dynfarm-server"
+# Provider names end up in interface names (df-NAME, 15 bytes at most) and
+# host names (NAME-0001), so they are short and carry no dash.
+PROVIDER_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+LINK_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$")
+MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+# === Errors ===
+
+class Fatal(Exception):
+    """An expected failure: one line for the user, and an exit code."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+class ConfigError(Fatal):
+    def __init__(self, message):
+        super().__init__(message, code=2)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and one clear line."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def log(message):
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    sys.stderr.write(f"{stamp} dynfarm: {message}\n")
+    sys.stderr.flush()
+
+
+# === Seam: every external command goes through run() ===
+
+VERBOSE = os.environ.get("DYNFARM_VERBOSE") == "1"
+
+
+def run(argv, input=None, check=True, timeout=120):
+    """Run argv (never through a shell); raise Fatal with its stderr on failure."""
+    if VERBOSE:
+        log("[#] " + " ".join(shlex.quote(a) for a in argv))
+    try:
+        done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
+    except FileNotFoundError:
+        raise Fatal(f"{argv[0]}: command not found; install it and try again")
+    except subprocess.TimeoutExpired:
+        raise Fatal(f"{argv[0]}: no answer after {timeout}s")
+    if check and done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        raise Fatal(f"{' '.join(argv[:3])}: failed ({detail[-1] if detail else 'exit %d' % done.returncode})")
+    return done
+
+
+def write_file(path, data, mode=0o644):
+    """Write atomically (temp file in the same directory, then rename) with mode."""
+    if isinstance(data, str):
+        data = data.encode()
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dynfarm-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# === Config ===
+
+SITE_KEYS = {
+    "state_dir": "/var/lib/dynfarm",
+    "listen": "0.0.0.0:8443",
+    "public_address": None,
+    "ssh_keys": None,
+    "ssh_identity": "",
+    "mode": "gre",
+    "request_timeout": "10",
+}
+PROVIDER_KEYS = {
+    "vpn_port": None,
+    "vpn_subnet": None,
+    "vpn_proto": "udp",
+    "networks": "0.0.0.0/0",
+    "files": "",
+    "commands": "",
+}
+LINK_KEYS = {"address": None, "encap": "gre"}
+MODES = ("gre", "routed", "bridged")
+ENCAPS = ("gre", "vxlan")
+
+
+@dataclasses.dataclass
+class Provider:
+    name: str
+    vpn_port: int
+    vpn_subnet: ipaddress.IPv4Network
+    vpn_proto: str
+    networks: list
+    files: str       # absolute path of the tree copied onto the VM, or ""
+    commands: list   # absolute paths of scripts run on the VM, in order
+
+    @property
+    def server_address(self):
+        return next(self.vpn_subnet.hosts())
+
+    @property
+    def interface(self):
+        return f"df-{self.name}"
+
+
+@dataclasses.dataclass
+class Link:
+    name: str
+    address: ipaddress.IPv4Address
+    encap: str
+
+
+@dataclasses.dataclass
+class Config:
+    path: str
+    state_dir: str
+    listen_host: str
+    listen_port: int
+    public_address: str
+    ssh_keys: list
+    ssh_identity: str
+    mode: str
+    request_timeout: float
+    providers: dict
+    links: dict
+
+    def provider(self, name):
+        if name not in self.providers:
+            known = ", ".join(sorted(self.providers)) or "none"
+            raise ConfigError(f"{self.path}: no provider '{name}' (configured: {known})")
+        return self.providers[name]
+
+    def state(self, *parts):
+        return os.path.join(self.state_dir, *parts)
+
+
+def load_config(path):
+    """Read and validate the site configuration; ConfigError names the culprit."""
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file (give one with -c FILE; see site.conf.example)")
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]}")
+    if parser.defaults():
+        raise ConfigError(f"{path}: [DEFAULT] is not used by dynfarm; put keys in [site] or a provider")
+    if not parser.has_section("site"):
+        raise ConfigError(f"{path}: missing [site] section")
+    base = os.path.dirname(os.path.abspath(path))
+    site = section_values(parser, "site", SITE_KEYS, path)
+    providers, links = {}, {}
+    for section in parser.sections():
+        kind, _, name = section.partition(":")
+        if section == "site":
+            continue
+        if kind == "provider" and PROVIDER_RE.match(name):
+            providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path)
+        elif kind == "link" and LINK_RE.match(name):
+            links[name] = parse_link(name, section_values(parser, section, LINK_KEYS, path), path)
+        elif kind in ("provider", "link"):
+            raise ConfigError(f"{path}: [{section}]: bad name '{name}' (provider: lowercase letters and digits, "
+                              f"at most 12, no dash; link: lowercase, digits and dashes)")
+        else:
+            raise ConfigError(f"{path}: unknown section [{section}] (expected [site], [provider:NAME], [link:NAME])")
+    if not providers:
+        raise ConfigError(f"{path}: no [provider:NAME] section; add one per cloud provider")
+    check_no_overlap(providers, path)
+    host, port = parse_listen(site["listen"], path)
+    if site["mode"] not in MODES:
+        raise ConfigError(f"{path}: [site] mode = {site['mode']}: expected one of {', '.join(MODES)}")
+    return Config(
+        path=path,
+        state_dir=os.path.join(base, site["state_dir"]),
+        listen_host=host,
+        listen_port=port,
+        public_address=site["public_address"],
+        ssh_keys=[os.path.join(base, p) for p in site["ssh_keys"].split()],
+        ssh_identity=os.path.join(base, site["ssh_identity"]) if site["ssh_identity"] else "",
+        mode=site["mode"],
+        request_timeout=parse_number(site["request_timeout"], "[site] request_timeout", path),
+        providers=providers,
+        links=links,
+    )
+
+
+def section_values(parser, section, known, path):
+    values = dict(parser.items(section))
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{path}: [{section}] unknown key '{key}' (known: {', '.join(known)})")
+    for key, default in known.items():
+        if key not in values:
+            if default is None:
+                raise ConfigError(f"{path}: [{section}] missing required key '{key}'")
+            values[key] = default
+    return values
+
+
+def parse_number(text, what, path):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{path}: {what} = {text}: not a number")
+    if value <= 0:
+        raise ConfigError(f"{path}: {what} = {text}: must be positive")
+    return value
+
+
+def parse_listen(text, path):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:   # 0: any free port (tests)
+        raise ConfigError(f"{path}: [site] listen = {text}: expected ADDRESS:PORT, e.g. 0.0.0.0:8443")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_provider(name, values, base, path):
+    where = f"{path}: [provider:{name}]"
+    try:
+        port = int(values["vpn_port"])
+        assert 0 < port < 65536
+    except (ValueError, AssertionError):
+        raise ConfigError(f"{where} vpn_port = {values['vpn_port']}: expected a port number")
+    try:
+        subnet = ipaddress.IPv4Network(values["vpn_subnet"], strict=True)
+    except ValueError as e:
+        raise ConfigError(f"{where} vpn_subnet = {values['vpn_subnet']}: {e}")
+    if subnet.prefixlen > 29:
+        raise ConfigError(f"{where} vpn_subnet = {subnet}: too small, use /29 or larger")
+    if values["vpn_proto"] not in ("udp", "tcp"):
+        raise ConfigError(f"{where} vpn_proto = {values['vpn_proto']}: expected udp or tcp")
+    try:
+        networks = [ipaddress.IPv4Network(n, strict=False) for n in values["networks"].replace(",", " ").split()]
+    except ValueError as e:
+        raise ConfigError(f"{where} networks: {e}")
+    files = customization_path(values["files"], base, where, "files") if values["files"] else ""
+    if files and not os.path.isdir(files):
+        raise ConfigError(f"{where} files = {values['files']}: not a directory")
+    commands = [customization_path(c, base, where, "commands") for c in values["commands"].split()]
+    for command in commands:
+        if not os.path.isfile(command):
+            raise ConfigError(f"{where} commands: {command}: no such file")
+    return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands)
+
+
+def customization_path(relative, base, where, key):
+    """Resolve a customization path; it must stay inside the configuration's tree."""
+    resolved = os.path.realpath(os.path.join(base, relative))
+    if os.path.commonpath([resolved, os.path.realpath(base)]) != os.path.realpath(base):
+        raise ConfigError(f"{where} {key} = {relative}: escapes the configuration directory {base}")
+    return resolved
+
+
+def parse_link(name, values, path):
+    where = f"{path}: [link:{name}]"
+    try:
+        address = ipaddress.IPv4Address(values["address"])
+    except ValueError:
+        raise ConfigError(f"{where} address = {values['address']}: not an IPv4 address")
+    if values["encap"] not in ENCAPS:
+        raise ConfigError(f"{where} encap = {values['encap']}: expected one of {', '.join(ENCAPS)}")
+    return Link(name, address, values["encap"])
+
+
+def check_no_overlap(providers, path):
+    seen = []
+    for p in providers.values():
+        for other in seen:
+            if p.vpn_subnet.overlaps(other.vpn_subnet):
+                raise ConfigError(f"{path}: vpn_subnet {p.vpn_subnet} of '{p.name}' overlaps "
+                                  f"{other.vpn_subnet} of '{other.name}'")
+            if (p.vpn_port, p.vpn_proto) == (other.vpn_port, other.vpn_proto):
+                raise ConfigError(f"{path}: '{p.name}' and '{other.name}' both use {p.vpn_proto} port {p.vpn_port}")
+        seen.append(p)
+
+
+def parse_duration(text):
+    """'90s', '30m', '24h', '7d' or plain seconds -> seconds."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise Fatal(f"bad duration '{text}': use e.g. 30m, 24h, 7d", code=2)
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+# === Store: all SQL lives here ===
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    address TEXT NOT NULL UNIQUE,
+    pubkey_sha256 TEXT NOT NULL UNIQUE,
+    machine_id TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    serial TEXT,
+    host_keys TEXT NOT NULL DEFAULT '[]',
+    facts TEXT NOT NULL DEFAULT '{}',
+    client_version TEXT,
+    enrolled_at REAL,
+    last_seen REAL,
+    report TEXT,
+    revoked_at REAL,
+    UNIQUE (provider, seq)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    uses_left INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class Store:
+    """The site database (sqlite, WAL). One connection per thread."""
+
+    def __init__(self, path):
+        self.path = path
+        self.local = threading.local()
+
+    @property
+    def db(self):
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 30000")
+            self.local.conn = conn
+        return conn
+
+    def create(self):
+        created = not os.path.exists(self.path)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.executescript(SCHEMA)
+        os.chmod(self.path, 0o600)
+        return created
+
+    def transaction(self):
+        return Transaction(self.db)
+
+    def close(self):
+        """Close this thread's connection (the last one out checkpoints the WAL)."""
+        conn = getattr(self.local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self.local.conn = None
+
+    # tokens
+    def add_token(self, token_id, provider, secret_sha256, expires_at, uses):
+        self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                        (token_id, provider, secret_sha256, expires_at, uses, time.time()))
+
+    def token(self, token_id):
+        return self.db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+
+    def use_token(self, token_id):
+        self.db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
+
+    # hosts
+    def host(self, name):
+        return self.db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
+
+    def host_by_key(self, pubkey_sha256):
+        return self.db.execute("SELECT * FROM hosts WHERE pubkey_sha256 = ?", (pubkey_sha256,)).fetchone()
+
+    def hosts(self, providers=None):
+        rows = self.db.execute("SELECT * FROM hosts ORDER BY provider, seq").fetchall()
+        return [r for r in rows if not providers or r["provider"] in providers]
+
+    def used_addresses(self):
+        return {row[0] for row in self.db.execute("SELECT address FROM hosts")}
+
+    def next_seq(self, provider):
+        row = self.db.execute("SELECT MAX(seq) FROM hosts WHERE provider = ?", (provider,)).fetchone()
+        return (row[0] or 0) + 1
+
+    def add_host(self, name, provider, seq, address, pubkey_sha256, machine_id, hostname):
+        self.db.execute("INSERT INTO hosts (name, provider, seq, address, pubkey_sha256, machine_id, hostname) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, provider, seq, address, pubkey_sha256, machine_id, hostname))
+
+    def record_enrollment(self, name, serial, machine_id, hostname, host_keys, facts, version):
+        now = time.time()
+        self.db.execute("UPDATE hosts SET serial = ?, machine_id = ?, hostname = ?, host_keys = ?, facts = ?, "
+                        "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ?",
+                        (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts),
+                         version, now, now, name))
+
+    def record_report(self, name, report):
+        self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
+                        (json.dumps(report), time.time(), name))
+
+    def revoke(self, name):
+        self.db.execute("UPDATE hosts SET revoked_at = ? WHERE name = ?", (time.time(), name))
+
+    def revoked(self):
+        return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
+
+
+class Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception.
+
+    IMMEDIATE takes the write lock up front, so two enrollments can never
+    read the same free address and both claim it.
+    """
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, tb):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False
+
+
+def open_store(config):
+    path = config.state("dynfarm.db")
+    if not os.path.exists(path):
+        raise Fatal(f"{path}: no site database; run 'dynfarm.py -c {config.path} init' first", code=2)
+    return Store(path)
+
+
+# === Tokens ===
+
+def new_token(store, provider, uses, ttl):
+    """Make a token; only its hash is stored. Returns (token, expires_at)."""
+    token_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(24)
+    expires_at = time.time() + ttl
+    store.add_token(token_id, provider, hash_secret(secret), expires_at, uses)
+    return f"{token_id}.{secret}", expires_at
+
+
+def hash_secret(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_token(store, token, now=None):
+    """The token's row if it may enroll now; RequestError(401) otherwise.
+
+    Tokens are random, so a plain sha256 is enough; the comparison is
+    constant-time so the stored hash cannot be probed byte by byte.
+    """
+    token_id, _, secret = token.partition(".")
+    row = store.token(token_id) if token_id and secret else None
+    if row is None or not hmac.compare_digest(row["secret_sha256"], hash_secret(secret)):
+        raise RequestError(401, "invalid enrollment token")
+    if row["expires_at"] <= (now or time.time()):
+        raise RequestError(401, "enrollment token expired; make a new one with 'dynfarm.py token PROVIDER'")
+    if row["uses_left"] <= 0:
+        raise RequestError(401, "enrollment token used up; make a new one with 'dynfarm.py token PROVIDER'")
+    return row
+
+
+# === Addresses and names ===
+
+def allocate_address(provider, used):
+    """The lowest free address of the provider's subnet (the first is the VPN server's)."""
+    hosts = provider.vpn_subnet.hosts()
+    next(hosts)
+    for address in hosts:
+        if str(address) not in used:
+            return str(address)
+    raise RequestError(503, f"provider {provider.name}: no free address left in {provider.vpn_subnet}")
+
+
+def host_name(provider, seq):
+    return f"{provider}-{seq:04d}"
+
+
+# === PKI ===
+
+def pem_to_der(text, label):
+    match = re.fullmatch(rf"\s*-----BEGIN {label}-----\s+([A-Za-z0-9+/=\s]+?)\s*-----END {label}-----\s*", text)
+    if not match:
+        raise ValueError(f"not a PEM {label.lower()}")
+    return base64.b64decode("".join(match.group(1).split()), validate=True)
+
+
+def der_element(buf, pos):
+    """(tag, start of contents, end of contents) of the DER element at pos."""
+    if pos + 2 > len(buf):
+        raise ValueError("truncated DER")
+    tag, length = buf[pos], buf[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 3:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(buf[pos:pos + count], "big")
+        pos += count
+    if pos + length > len(buf):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def der_children(buf, start, end):
+    """The (tag, start, end) of each element between start and end."""
+    children = []
+    while start < end:
+        tag, body, after = der_element(buf, start)
+        children.append((tag, start, after))
+        start = after
+    return children
+
+
+def csr_public_key(csr_pem):
+    """The DER SubjectPublicKeyInfo of a CSR: it identifies the machine."""
+    return public_key_of(pem_to_der(csr_pem, "CERTIFICATE REQUEST"), 2)
+
+
+def cert_public_key(cert_der):
+    """The DER SubjectPublicKeyInfo of a certificate."""
+    return public_key_of(cert_der, 6)
+
+
+def public_key_of(der, index):
+    """SPKI at position index in the first inner SEQUENCE (CSR info or TBSCertificate)."""
+    tag, start, end = der_element(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not DER")
+    tag, info, info_end = der_element(der, start)
+    fields = der_children(der, info, info_end)
+    if tag != 0x30 or len(fields) <= index or fields[index][0] != 0x30:
+        raise ValueError("no public key where one belongs")
+    return der[fields[index][1]:fields[index][2]]
+
+
+def key_id(spki_der):
+    return hashlib.sha256(spki_der).hexdigest()
+
+
+class PKI:
+    """The site CA, via the openssl CLI. Files live in STATE/pki."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.lock = threading.Lock()
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def ensure(self, public_address):
+        """Create what is missing; return the names of what was added."""
+        added = []
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        if not os.path.exists(self.path("ca.crt")):
+            make_key(self.path("ca.key"))
+            run(["openssl", "req", "-x509", "-new", "-key", self.path("ca.key"), "-subj", "/CN=dynfarm site CA",
+                 "-days", str(CA_DAYS), "-sha256", "-out", self.path("ca.crt"),
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            added.append("site CA (pki/ca.crt)")
+        if not os.path.exists(self.path("server.crt")):
+            self.make_server_cert(public_address)
+            added.append(f"server certificate for {public_address} (pki/server.crt)")
+        if not os.path.exists(self.path("crl.pem")):
+            self.write_crl([])
+            added.append("empty revocation list (pki/crl.pem)")
+        return added
+
+    def make_server_cert(self, public_address):
+        make_key(self.path("server.key"))
+        csr = run(["openssl", "req", "-new", "-key", self.path("server.key"), "-subj", f"/CN={SERVER_CN}"]).stdout
+        try:
+            ipaddress.ip_address(public_address)
+            san = f"IP:{public_address}"
+        except ValueError:
+            san = f"DNS:{public_address}"
+        ext = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyAgreement\n"
+               f"extendedKeyUsage=serverAuth\nsubjectAltName={san}\n")
+        self.sign(csr, SERVER_CN, new_serial(), ext, self.path("server.crt"))
+
+    def sign(self, csr_pem, common_name, serial, extensions, out_path=None):
+        """Sign a CSR with CN forced to common_name; openssl checks its self-signature."""
+        with tempfile.TemporaryDirectory(prefix="dynfarm-sign-") as tmp:
+            csr_path = os.path.join(tmp, "req.pem")
+            ext_path = os.path.join(tmp, "ext.cnf")
+            write_file(csr_path, csr_pem, 0o600)
+            write_file(ext_path, extensions, 0o600)
+            done = run(["openssl", "x509", "-req", "-in", csr_path, "-CA", self.path("ca.crt"),
+                        "-CAkey", self.path("ca.key"), "-set_serial", "0x" + serial, "-days", str(CERT_DAYS),
+                        "-sha256", "-subj", f"/CN={common_name}", "-extfile", ext_path], check=False)
+        if done.returncode != 0:
+            raise RequestError(400, "certificate request rejected: its signature does not verify")
+        if out_path:
+            write_file(out_path, done.stdout, 0o644)
+        return done.stdout.decode()
+
+    def sign_client(self, csr_pem, name):
+        serial = new_serial()
+        ext = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyAgreement\n"
+               "extendedKeyUsage=clientAuth\n")
+        return serial, self.sign(csr_pem, name, serial, ext)
+
+    def write_crl(self, revoked_rows):
+        """Regenerate crl.pem from the store's revoked hosts (openssl ca's index format)."""
+        with self.lock:
+            lines = []
+            for row in revoked_rows:
+                when = datetime.datetime.utcfromtimestamp(row["revoked_at"]).strftime("%y%m%d%H%M%SZ")
+                lines.append(f"R\t991231235959Z\t{when}\t{row['serial'].upper()}\tunknown\t/CN={row['name']}\n")
+            write_file(self.path("index.txt"), "".join(lines), 0o600)
+            write_file(self.path("ca.cnf"),
+                       "[ca]\ndefault_ca = dynfarm\n[dynfarm]\n"
+                       f"database = {self.path('index.txt')}\ncertificate = {self.path('ca.crt')}\n"
+                       f"private_key = {self.path('ca.key')}\ndefault_md = sha256\n"
+                       f"default_crl_days = {CRL_DAYS}\n", 0o600)
+            run(["openssl", "ca", "-gencrl", "-batch", "-config", self.path("ca.cnf"),
+                 "-out", self.path("crl.pem")])
+            os.chmod(self.path("crl.pem"), 0o644)
+
+
+def new_serial():
+    """A random positive serial in lowercase hex without leading zeros: the form
+    in which it is stored, put in the CRL and compared with a peer's."""
+    return format(secrets.randbits(127) | 1 << 126, "x")
+
+
+def make_key(path):
+    """An EC P-256 private key, 0600 from the first byte."""
+    key = run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]).stdout
+    write_file(path, key, 0o600)
+
+
+def make_csr(key_path, common_name):
+    return run(["openssl", "req", "-new", "-key", key_path, "-subj", f"/CN={common_name}"]).stdout.decode()
+
+
+# === Network: OpenVPN ===
+
+def openvpn_server_config(config, provider):
+    """The provider's OpenVPN server: tun, static addresses only, split tunnel."""
+    run_dir = config.state("run")
+    mask = provider.vpn_subnet.netmask
+    lines = [
+        f"# {provider.name}: generated by dynfarm from {config.path}; edits are overwritten",
+        "mode server",
+        "tls-server",
+        f"proto {provider.vpn_proto}4" + ("-server" if provider.vpn_proto == "tcp" else ""),
+        f"port {provider.vpn_port}",
+        f"dev {provider.interface}",
+        "dev-type tun",
+        "topology subnet",
+        # No address pool: every host gets its static address from its ccd entry,
+        # and ccd-exclusive refuses certificates that have none.
+        f"ifconfig {provider.server_address} {mask}",
+        'push "topology subnet"',
+        f'push "route-gateway {provider.server_address}"',
+    ]
+    # Split tunnel: only the linked site hosts are routed through the VPN.
+    lines += [f'push "route {link.address} 255.255.255.255"' for link in config.links.values()]
+    lines += [
+        f"client-config-dir {config.state('ccd', provider.name)}",
+        "ccd-exclusive",
+        f"ca {config.state('pki', 'ca.crt')}",
+        f"cert {config.state('pki', 'server.crt')}",
+        f"key {config.state('pki', 'server.key')}",
+        "dh none",
+        f"crl-verify {config.state('pki', 'crl.pem')}",
+        f"tls-crypt {config.state('openvpn', provider.name + '.tlscrypt')}",
+        "tls-version-min 1.2",
+        "remote-cert-tls client",
+        "keepalive 10 60",
+        "persist-key",
+        "persist-tun",
+        f"status {os.path.join(run_dir, provider.name + '.status')} 5",
+        "status-version 2",
+        f"management {os.path.join(run_dir, provider.name + '.mgmt')} unix",
+        "verb 3",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def openvpn_client_config(config, provider, certificate):
+    """What the VM runs; the client adds its own 'key' line (the key never travels)."""
+    ca = read_text(config.state("pki", "ca.crt")).strip()
+    tls_crypt = read_text(config.state("openvpn", provider.name + ".tlscrypt")).strip()
+    return "\n".join([
+        "client",
+        "dev tun",
+        f"proto {provider.vpn_proto}4",
+        f"remote {config.public_address} {provider.vpn_port}",
+        "nobind",
+        "remote-cert-tls server",
+        f"verify-x509-name {SERVER_CN} name",
+        # Split tunnel, whatever the server pushes: the VM keeps its own default route.
+        'pull-filter ignore "redirect-gateway"',
+        "tls-version-min 1.2",
+        "persist-key",
+        "persist-tun",
+        "verb 3",
+        f"<ca>\n{ca}\n</ca>",
+        f"<cert>\n{certificate.strip()}\n</cert>",
+        f"<tls-crypt>\n{tls_crypt}\n</tls-crypt>",
+    ]) + "\n"
+
+
+def write_ccd(config, provider, name, address):
+    path = config.state("ccd", provider.name, name)
+    write_file(path, f"ifconfig-push {address} {provider.vpn_subnet.netmask}\n", 0o644)
+
+
+def remove_ccd(config, provider_name, name):
+    try:
+        os.unlink(config.state("ccd", provider_name, name))
+    except FileNotFoundError:
+        pass
+
+
+def management_command(config, provider_name, command, timeout=2.0):
+    """Send one command to a running OpenVPN server; its answer, or None if none runs."""
+    path = config.state("run", provider_name + ".mgmt")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            reader = sock.makefile("rb")
+            reader.readline()                       # >INFO greeting
+            sock.sendall(command.encode() + b"\n")
+            lines = []
+            for raw in reader:
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                if line == "END" or line.startswith(("SUCCESS:", "ERROR:")):
+                    lines.append(line)
+                    break
+                lines.append(line)
+            sock.sendall(b"quit\n")
+            return lines
+    except OSError:
+        return None
+
+
+def connected_clients(config, provider_name):
+    """{common name: real address} from the live server, or None if it is not running."""
+    lines = management_command(config, provider_name, "status 2")
+    if lines is None:
+        return None
+    clients = {}
+    for line in lines:
+        fields = line.split(",")
+        if fields[0] == "CLIENT_LIST" and len(fields) > 2:
+            clients[fields[1]] = fields[2]
+    return clients
+
+
+# === Server ===
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    body: bytes
+    peer_ip: str
+    peer_cn: str    # CN of a verified client certificate, or ""
+    peer_key: str   # key_id of that certificate's public key
+
+
+class App:
+    """The enrollment service as plain functions: Request -> (status, body, headers)."""
+
+    def __init__(self, config, store, pki):
+        self.config = config
+        self.store = store
+        self.pki = pki
+        self.source = read_own_source()
+        self.version = hashlib.sha256(self.source).hexdigest()
+        self.routes = {
+            ("POST", "/v1/enroll"): self.enroll,
+            ("GET", "/v1/client"): self.client_download,
+            ("POST", "/v1/report"): self.report,
+            ("GET", "/v1/health"): self.health,
+        }
+
+    def handle(self, request):
+        route = self.routes.get((request.method, request.path))
+        if route is None:
+            if any(path == request.path for _, path in self.routes):
+                return 405, {"error": f"{request.method} not allowed on {request.path}"}, {}
+            return 404, {"error": f"no such endpoint {request.path}"}, {}
+        try:
+            return route(request)
+        except RequestError as e:
+            return e.status, {"error": str(e)}, {}
+
+    def health(self, request):
+        return 200, {"ok": True, "version": self.version}, {}
+
+    def client_download(self, request):
+        return 200, self.source, {"Content-Type": "text/x-python", "X-Dynfarm-Sha256": self.version}
+
+    def enroll(self, request):
+        fields = parse_json(request.body)
+        version = fields.get("version")
+        if not isinstance(version, str) or not HEX64_RE.match(version):
+            raise RequestError(400, "field 'version' must be the sha256 hex of the client's source")
+        if version != self.version:
+            # Authenticate before answering, but change nothing: the updated
+            # client comes back with the same token.
+            self.identify(request, validate_update_request(fields), None)
+            return 200, {"status": "update", "sha256": self.version, "url": "/v1/client"}, {}
+        fields = validate_enroll_request(fields)
+        pubkey = key_id(csr_public_key(fields["csr"]))
+        provider, token_id = self.identify(request, fields, pubkey)
+        with self.store.transaction():
+            host = self.store.host_by_key(pubkey)
+            again = host is not None
+            if host is None:
+                if token_id is None:
+                    raise RequestError(401, "an enrollment token is needed for a new host")
+                check_token(self.store, fields["token"])   # again, under the write lock
+                host = self.create_host(provider, pubkey, fields)
+                self.store.use_token(token_id)
+            elif host["revoked_at"] is not None:
+                raise RequestError(403, f"host {host['name']} is revoked")
+            elif host["provider"] != provider.name:
+                raise RequestError(403, f"this machine is enrolled with provider {host['provider']}, "
+                                        f"not {provider.name}")
+            serial, certificate = self.pki.sign_client(fields["csr"], host["name"])
+            self.store.record_enrollment(host["name"], serial, fields["machine_id"], fields["hostname"],
+                                         fields["host_keys"], fields["facts"], version)
+            write_ccd(self.config, provider, host["name"], host["address"])
+        log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}"
+            + (" (again)" if again else ""))
+        return 200, self.enrollment_answer(provider, host, certificate), {}
+
+    def identify(self, request, fields, pubkey):
+        """(provider, token id or None) for this request.
+
+        An enrolled host is known by its key: from its client certificate
+        (later boots), or from its CSR, whose self-signature the signing step
+        verifies. Otherwise the token names the provider. Source networks are
+        checked either way.
+        """
+        known = self.store.host_by_key(pubkey) if pubkey else None
+        if request.peer_cn:
+            known = self.certified_host(request)
+            if pubkey is not None and known["pubkey_sha256"] != pubkey:
+                raise RequestError(403, "certificate request key differs from the enrolled key")
+        if known is not None:
+            if known["revoked_at"] is not None:
+                raise RequestError(403, f"host {known['name']} is revoked")
+            provider_name, token_id = known["provider"], None
+        elif isinstance(fields.get("token"), str) and fields["token"]:
+            row = check_token(self.store, fields["token"])
+            provider_name, token_id = row["provider"], row["id"]
+        else:
+            raise RequestError(401, "missing enrollment token")
+        if provider_name not in self.config.providers:
+            raise RequestError(403, f"provider {provider_name} is no longer configured")
+        provider = self.config.providers[provider_name]
+        wanted = fields.get("provider")
+        if wanted and wanted != provider.name:
+            raise RequestError(403, f"this token belongs to provider {provider.name}, not {wanted}")
+        source = ipaddress.ip_address(request.peer_ip)
+        if not any(source in net for net in provider.networks):
+            raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
+        return provider, token_id
+
+    def certified_host(self, request):
+        """The host whose certificate the peer presented (CA-verified by TLS)."""
+        host = self.store.host(request.peer_cn)
+        if host is None or host["pubkey_sha256"] != request.peer_key:
+            raise RequestError(403, "client certificate does not belong to an enrolled host")
+        if host["revoked_at"] is not None:
+            raise RequestError(403, f"host {host['name']} is revoked")
+        return host
+
+    def create_host(self, provider, pubkey, fields):
+        seq = self.store.next_seq(provider.name)
+        name = host_name(provider.name, seq)
+        address = allocate_address(provider, self.store.used_addresses())
+        self.store.add_host(name, provider.name, seq, address, pubkey, fields["machine_id"], fields["hostname"])
+        return self.store.host(name)
+
+    def enrollment_answer(self, provider, host, certificate):
+        return {
+            "status": "enrolled",
+            "name": host["name"],
+            "provider": provider.name,
+            "address": host["address"],
+            "netmask": str(provider.vpn_subnet.netmask),
+            "vpn_server": str(provider.server_address),
+            "probe_port": self.config.listen_port,
+            "certificate": certificate,
+            "openvpn_config": openvpn_client_config(self.config, provider, certificate),
+            "customization": customization(self.config, provider),
+        }
+
+    def report(self, request):
+        if not request.peer_cn:
+            raise RequestError(401, "reports need the host's client certificate")
+        host = self.certified_host(request)
+        report = validate_report(parse_json(request.body))
+        self.store.record_report(host["name"], report)
+        log(f"{host['name']}: report {'ok' if report['ok'] else 'FAILED'}"
+            f" (ready in {report['ready_seconds']:.2f}s)")
+        return 200, {"ok": True}, {}
+
+
+def customization(config, provider):
+    """The provider's customization as data: ssh keys, files (with modes), commands."""
+    keys = []
+    for path in config.ssh_keys:
+        try:
+            keys += [line.strip() for line in read_text(path).splitlines() if line.strip()]
+        except OSError as e:
+            raise RequestError(503, f"site ssh key {path} unreadable: {e.strerror}")
+    return {
+        "ssh_keys": keys,
+        "files": tree_files(provider.files) if provider.files else [],
+        "commands": [{"name": os.path.basename(p), "script": read_text(p)} for p in provider.commands],
+    }
+
+
+def tree_files(root):
+    """Every directory and regular file under root, as they should be on the VM."""
+    entries = []
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames) + sorted(filenames):
+            path = os.path.join(directory, name)
+            target = "/" + os.path.relpath(path, root)
+            st = os.stat(path)
+            if os.path.islink(path) and os.path.commonpath([os.path.realpath(path), root]) != root:
+                raise RequestError(503, f"customization {path} links outside its tree")
+            entry = {"path": target, "mode": stat.S_IMODE(st.st_mode)}
+            if stat.S_ISDIR(st.st_mode):
+                entry["type"] = "dir"
+            elif stat.S_ISREG(st.st_mode):
+                entry["type"] = "file"
+                with open(path, "rb") as f:
+                    entry["data"] = base64.b64encode(f.read()).decode()
+            else:
+                continue
+            entries.append(entry)
+    return entries
+
+
+def parse_json(body):
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "body is not valid JSON")
+    if not isinstance(value, dict):
+        raise RequestError(400, "body must be a JSON object")
+    return value
+
+
+ENROLL_FIELDS = {
+    # name: (type, required, max length)
+    "version": (str, True, 64),
+    "token": (str, False, 128),
+    "provider": (str, False, 12),
+    "machine_id": (str, True, 64),
+    "hostname": (str, True, 253),
+    "csr": (str, True, 8192),
+    "host_keys": (list, True, 8),
+    "facts": (dict, True, 32),
+}
+
+
+def validate_fields(fields, schema):
+    for key in fields:
+        if key not in schema:
+            raise RequestError(400, f"unknown field '{key}'")
+    for key, (kind, required, limit) in schema.items():
+        if key not in fields:
+            if required:
+                raise RequestError(400, f"missing field '{key}'")
+            continue
+        value = fields[key]
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise RequestError(400, f"field '{key}' must be a {kind.__name__}")
+        if kind in (str, list, dict) and len(value) > limit:
+            raise RequestError(400, f"field '{key}' is too long (at most {limit})")
+    return fields
+
+
+def validate_update_request(fields):
+    """Only what authentication needs: an old client may send other fields."""
+    for key in ("token", "provider"):
+        if key in fields and not isinstance(fields[key], str):
+            raise RequestError(400, f"field '{key}' must be a str")
+    return fields
+
+
+def validate_enroll_request(fields):
+    validate_fields(fields, ENROLL_FIELDS)
+    if not MACHINE_ID_RE.match(fields["machine_id"]):
+        raise RequestError(400, "field 'machine_id' has characters outside [A-Za-z0-9_.-]")
+    if not HOSTNAME_RE.match(fields["hostname"]):
+        raise RequestError(400, "field 'hostname' is not a host name")
+    if "provider" in fields and not PROVIDER_RE.match(fields["provider"]):
+        raise RequestError(400, "field 'provider' is not a provider name")
+    for key in fields["host_keys"]:
+        if not isinstance(key, str) or len(key) > 2048 or not HOST_KEY_RE.match(key):
+            raise RequestError(400, "field 'host_keys' must hold 'TYPE BASE64' ssh public keys")
+    for name, value in fields["facts"].items():
+        if len(name) > 32 or not isinstance(value, (str, int, float)) or len(str(value)) > 256:
+            raise RequestError(400, "field 'facts' must map short names to short values")
+    try:
+        csr_public_key(fields["csr"])
+    except ValueError as e:
+        raise RequestError(400, f"field 'csr': {e}")
+    return fields
+
+
+REPORT_FIELDS = {"ok": (bool, True, 0), "steps": (list, True, 256), "ready_seconds": (float, True, 0)}
+
+
+def validate_report(fields):
+    if isinstance(fields.get("ready_seconds"), int):
+        fields["ready_seconds"] = float(fields["ready_seconds"])
+    validate_fields(fields, REPORT_FIELDS)
+    for step in fields["steps"]:
+        if not isinstance(step, dict) or len(json.dumps(step)) > 1024:
+            raise RequestError(400, "field 'steps' must hold small objects")
+    return fields
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Parses HTTP and writes answers; the logic is App.handle."""
+
+    server_version = "dynfarm"
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        self.dispatch(b"")
+
+    def do_POST(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            return self.answer(411, {"error": "Content-Length required"}, {})
+        if int(length) > MAX_BODY:
+            # Drain a little so that closing with unread data does not reset the
+            # connection before the client reads why; bounded in size and time.
+            if int(length) <= 16 * MAX_BODY:
+                self.rfile.read(int(length))
+            return self.answer(413, {"error": f"body over {MAX_BODY} bytes"}, {})
+        body = self.rfile.read(int(length))
+        if len(body) != int(length):
+            return self.answer(400, {"error": "body shorter than Content-Length"}, {})
+        self.dispatch(body)
+
+    def dispatch(self, body):
+        cn, key = peer_identity(self.connection)
+        request = Request(self.command, self.path.split("?")[0], body, self.client_address[0], cn, key)
+        started = time.monotonic()
+        try:
+            status, answer, headers = self.server.app.handle(request)
+        except Exception as e:   # a bug: keep serving, say so in the log
+            log(f"internal error on {request.path}: {e!r}")
+            status, answer, headers = 500, {"error": "internal server error; see the server log"}, {}
+        self.answer(status, answer, headers)
+        if status >= 400:
+            log(f"{request.peer_ip}: {request.method} {request.path} -> {status} {answer.get('error', '')} "
+                f"({(time.monotonic() - started) * 1000:.0f} ms)")
+
+    def answer(self, status, body, headers):
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+            headers = dict(headers, **{"Content-Type": "application/json"})
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        pass   # dispatch() logs what matters; the default logs every request
+
+
+def peer_identity(tls_socket):
+    """(CN, key id) of a verified client certificate, or ("", "")."""
+    cert = tls_socket.getpeercert() if hasattr(tls_socket, "getpeercert") else None
+    if not cert:
+        return "", ""
+    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+    return cn, key_id(cert_public_key(tls_socket.getpeercert(binary_form=True)))
+
+
+class TLSServer(http.server.ThreadingHTTPServer):
+    """TLS per connection, in the connection's own thread, under a deadline.
+
+    Wrapping the listening socket would run every handshake in the accept
+    loop, where one slow client stalls everyone.
+    """
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address, app, tls, timeout):
+        self.app = app
+        self.tls = tls
+        self.request_timeout = timeout
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+
+    def finish_request(self, sock, client_address):
+        sock.settimeout(self.request_timeout)
+        try:
+            conn = self.tls.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        try:
+            self.RequestHandlerClass(conn, client_address, self)
+        except OSError:
+            pass   # the peer went away or was too slow: nothing to answer
+        finally:
+            conn.close()
+
+
+def server_tls_context(config):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.state("pki", "server.crt"), config.state("pki", "server.key"))
+    ctx.load_verify_locations(config.state("pki", "ca.crt"))
+    ctx.verify_mode = ssl.CERT_OPTIONAL     # hosts already enrolled present their certificate
+    return ctx
+
+
+def serve(config, ready=None):
+    store = open_store(config)
+    app = App(config, store, PKI(config.state("pki")))
+    server = TLSServer((config.listen_host, config.listen_port), app, server_tls_context(config),
+                       config.request_timeout)
+    log(f"enrollment service on https://{config.listen_host}:{server.server_address[1]} "
+        f"(client version {app.version[:12]})")
+    if ready:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def read_own_source():
+    with open(os.path.realpath(__file__), "rb") as f:
+        return f.read()
+
+
+# === Client ===
+
+class Client:
+    """The VM side: enroll (or reuse what is stored), VPN up, customize, report.
+
+    Everything it keeps lives in state_dir; the private key is made there and
+    never leaves the machine.
+    """
+
+    def __init__(self, server, ca, token, provider, state_dir, home, timeout):
+        self.server = server.rstrip("/")
+        self.ca = ca
+        self.token = token
+        self.provider = provider
+        self.dir = state_dir
+        self.home = home
+        self.timeout = timeout
+        self.steps = []
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def main(self):
+        started = time.monotonic()
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self.ensure_key()
+        answer = self.enroll_or_stored()
+        self.write_vpn_config(answer)
+        self.ensure_tunnel(answer)
+        failed = self.apply_customization(answer["customization"])
+        ready = time.monotonic() - started
+        say(f"{answer['name']} ready at {answer['address']} in {ready:.2f}s"
+            + (f"; {failed} step(s) failed" if failed else ""))
+        self.send_report(not failed, ready)
+        return 1 if failed else 0
+
+    def ensure_key(self):
+        if not os.path.exists(self.path("client.key")):
+            make_key(self.path("client.key"))
+            say("made this machine's key")
+        os.chmod(self.path("client.key"), 0o600)
+
+    # enrollment
+
+    def enroll_or_stored(self):
+        try:
+            answer = self.enroll()
+        except ServerUnreachable as e:
+            stored = self.stored_answer()
+            if stored is None:
+                raise Fatal(f"enrollment server unreachable ({e}) and nothing stored from an earlier boot")
+            say(f"enrollment server unreachable ({e}); using the configuration stored at the last enrollment")
+            return stored
+        write_file(self.path("client.crt"), answer["certificate"], 0o644)
+        write_file(self.path("enrollment.json"), json.dumps(answer, indent=1), 0o600)
+        say(f"enrolled as {answer['name']} ({answer['provider']}) at {answer['address']}")
+        return answer
+
+    def stored_answer(self):
+        try:
+            return json.loads(read_text(self.path("enrollment.json")))
+        except (OSError, ValueError):
+            return None
+
+    def enroll(self):
+        request = {
+            "version": hashlib.sha256(read_own_source()).hexdigest(),
+            "machine_id": machine_id(),
+            "hostname": socket.gethostname(),
+            "csr": make_csr(self.path("client.key"), "dynfarm-client"),   # the server sets the name
+            "host_keys": ssh_host_keys(),
+            "facts": machine_facts(),
+        }
+        if self.token:
+            request["token"] = self.token
+        if self.provider:
+            request["provider"] = self.provider
+        answer = self.call("POST", "/v1/enroll", request)
+        if answer.get("status") == "update":
+            self.update_self(answer["sha256"])   # does not return
+        if answer.get("status") != "enrolled":
+            raise Fatal(f"unexpected answer from {self.server}: {answer.get('status')!r}")
+        return answer
+
+    def tls_context(self):
+        ctx = ssl.create_default_context(cafile=self.ca)   # the site CA only: pinned
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if os.path.exists(self.path("client.crt")):
+            ctx.load_cert_chain(self.path("client.crt"), self.path("client.key"))
+        return ctx
+
+    def call(self, method, path, body=None):
+        """JSON over HTTPS; ServerUnreachable when nobody answers, Fatal when refused."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.server + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self.tls_context()) as r:
+                raw = r.read()
+                return raw if path == "/v1/client" else json.loads(raw)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read()).get("error", "")
+            except ValueError:
+                message = ""
+            raise Fatal(f"{self.server} refused {path}: {e.code} {message or e.reason}")
+        except ssl.SSLCertVerificationError as e:
+            raise Fatal(f"{self.server}: certificate not trusted by the pinned site CA {self.ca} ({e.verify_message})")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerUnreachable(str(reason))
+
+    def update_self(self, expected):
+        """Replace this file with the server's version (hash checked), then run again once."""
+        if os.environ.get("DYNFARM_UPDATED") == expected:
+            raise Fatal("the server asks for an update again right after one; its dynfarm.py changed meanwhile?")
+        source = self.call("GET", "/v1/client")
+        if hashlib.sha256(source).hexdigest() != expected:
+            raise Fatal("downloaded dynfarm.py does not match the announced hash; not installed")
+        own = os.path.realpath(__file__)
+        write_file(own, source, stat.S_IMODE(os.stat(own).st_mode))
+        say(f"updated {own} to {expected[:12]}; running it")
+        os.environ["DYNFARM_UPDATED"] = expected
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, own] + sys.argv[1:])
+
+    # the tunnel
+
+    def write_vpn_config(self, answer):
+        text = answer["openvpn_config"] + f"key {self.path('client.key')}\n"
+        write_file(self.path("openvpn.conf"), text, 0o600)
+
+    def ensure_tunnel(self, answer):
+        """Start OpenVPN unless a tunnel of ours already carries traffic."""
+        if self.openvpn_pid() and tunnel_carries_traffic(answer, 1.0):
+            say("tunnel already up; left as it is")
+            return
+        self.stop_openvpn()
+        run(["openvpn", "--daemon", "dynfarm-client", "--config", self.path("openvpn.conf"),
+             "--writepid", self.path("openvpn.pid"), "--log", self.path("openvpn.log")])
+        started = time.monotonic()
+        while time.monotonic() - started < self.timeout:
+            if tunnel_carries_traffic(answer, 0.5):
+                say(f"tunnel up: {answer['address']} reaches {answer['vpn_server']}")
+                return
+            if time.monotonic() - started > 1 and not self.openvpn_pid():
+                raise Fatal(f"openvpn exited; see {self.path('openvpn.log')}: "
+                            f"{last_line(self.path('openvpn.log'))}")
+            time.sleep(0.05)
+        raise Fatal(f"VPN tunnel to {answer['vpn_server']} not carrying traffic after {self.timeout:.0f}s; "
+                    f"see {self.path('openvpn.log')}: {last_line(self.path('openvpn.log'))}")
+
+    def openvpn_pid(self):
+        """The pid of our openvpn if it runs (checked in /proc, not trusted from the file)."""
+        try:
+            pid = int(read_text(self.path("openvpn.pid")).strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if self.path("openvpn.conf").encode() in cmdline else None
+
+    def stop_openvpn(self):
+        pid = self.openvpn_pid()
+        if pid:
+            os.kill(pid, 15)
+            for _ in range(100):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.05)
+
+    # customization
+
+    def apply_customization(self, custom):
+        """ssh keys, files, commands, in that order; returns how many steps failed."""
+        self.install_ssh_keys(custom["ssh_keys"])
+        for entry in custom["files"]:
+            self.apply_file(entry)
+        failed = 0
+        commands_dir = self.path("commands")
+        for command in custom["commands"]:
+            script = os.path.join(commands_dir, command["name"])
+            write_file(script, command["script"], 0o700)
+            done = subprocess.run(["/bin/sh", script], cwd="/", capture_output=True)
+            self.steps.append({"step": "command " + command["name"], "rc": done.returncode})
+            say(f"command {command['name']}: exit {done.returncode}")
+            for line in (done.stdout + done.stderr).decode(errors="replace").splitlines()[-5:]:
+                say(f"  {command['name']}: {line}")
+            failed += done.returncode != 0
+        return failed
+
+    def install_ssh_keys(self, keys):
+        ssh_dir = os.path.join(self.home, ".ssh")
+        os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(ssh_dir, "authorized_keys")
+        try:
+            present = read_text(path).splitlines()
+        except FileNotFoundError:
+            present = []
+        missing = [k for k in keys if k not in present]
+        if missing or not os.path.exists(path):
+            write_file(path, "".join(line + "\n" for line in present + missing), 0o600)
+        self.steps.append({"step": "ssh keys", "added": len(missing)})
+
+    def apply_file(self, entry):
+        target = os.path.normpath(entry["path"])
+        if not target.startswith("/") or ".." in target.split("/"):
+            raise Fatal(f"refusing customization path {entry['path']!r}")
+        if entry["type"] == "dir":
+            os.makedirs(target, exist_ok=True)
+            os.chmod(target, entry["mode"])
+        else:
+            write_file(target, base64.b64decode(entry["data"]), entry["mode"])
+        self.steps.append({"step": "file " + target})
+
+    def send_report(self, ok, ready):
+        try:
+            self.call("POST", "/v1/report", {"ok": ok, "steps": self.steps, "ready_seconds": round(ready, 3)})
+        except (ServerUnreachable, Fatal) as e:
+            say(f"report not sent ({e}); not needed to run")
+
+
+class ServerUnreachable(Exception):
+    pass
+
+
+def say(message):
+    print(f"dynfarm client: {message}", flush=True)
+
+
+def last_line(path):
+    try:
+        lines = read_text(path).strip().splitlines()
+        return lines[-1] if lines else "(empty)"
+    except OSError:
+        return "(no log)"
+
+
+def tunnel_carries_traffic(answer, timeout):
+    """True once a TCP probe from our VPN address to the VPN server gets any answer.
+
+    A refused connection is an answer too: it proves the packet went through
+    the tunnel and back, even when the enrollment server is down. Binding to
+    our VPN address fails until the tunnel has it, and keeps the probe from
+    leaving by any other route.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.bind((answer["address"], 0))
+            sock.connect((answer["vpn_server"], answer["probe_port"]))
+            return True
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+
+
+def machine_id():
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            value = read_text(path).strip()
+            if MACHINE_ID_RE.match(value):
+                return value
+        except OSError:
+            pass
+    return socket.gethostname()[:64]
+
+
+def ssh_host_keys():
+    keys = []
+    for name in sorted(os.listdir("/etc/ssh")) if os.path.isdir("/etc/ssh") else []:
+        if name.startswith("ssh_host_") and name.endswith("_key.pub"):
+            fields = read_text(os.path.join("/etc/ssh", name)).split()
+            if len(fields) >= 2:
+                keys.append(f"{fields[0]} {fields[1]}")
+    return keys
+
+
+def machine_facts():
+    facts = {"cores": os.cpu_count() or 1, "kernel": platform.release()}
+    try:
+        for line in read_text("/proc/meminfo").splitlines():
+            if line.startswith("MemTotal:"):
+                facts["memory_mb"] = int(line.split()[1]) // 1024
+        for line in read_text("/etc/os-release").splitlines():
+            if line.startswith("PRETTY_NAME="):
+                facts["os"] = line.split("=", 1)[1].strip('"')[:128]
+    except (OSError, ValueError):
+        pass
+    return facts
+
+
+# === remote_control ===
+
+def host_rows(config, store, providers):
+    """Hosts joined with their provider's live OpenVPN status."""
+    live = {p: connected_clients(config, p) for p in config.providers}
+    rows = []
+    for host in store.hosts(providers):
+        clients = live.get(host["provider"])
+        if host["revoked_at"] is not None:
+            state = "revoked"
+        elif clients is None:
+            state = "vpn-down"
+        else:
+            state = "connected" if host["name"] in clients else "disconnected"
+        rows.append({
+            "name": host["name"],
+            "provider": host["provider"],
+            "address": host["address"],
+            "state": state,
+            "hostname": host["hostname"],
+            "enrolled_at": host["enrolled_at"],
+            "last_seen": host["last_seen"],
+            "client_version": (host["client_version"] or "")[:12],
+            "facts": json.loads(host["facts"]),
+        })
+    return rows
+
+
+def format_table(rows, columns):
+    widths = [max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def known_hosts(store, providers=None):
+    """known_hosts lines from the host keys the VMs sent at enrollment."""
+    lines = []
+    for host in store.hosts(providers):
+        for key in json.loads(host["host_keys"]):
+            lines.append(f"{host['address']} {key}")
+    return "".join(line + "\n" for line in lines)
+
+
+# === CLI ===
+
+def cmd_init(args, config):
+    added = []
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    for sub in ("run", "openvpn"):
+        os.makedirs(config.state(sub), mode=0o700, exist_ok=True)
+    added += PKI(config.state("pki")).ensure(config.public_address)
+    store = Store(config.state("dynfarm.db"))
+    if store.create():
+        added.append("site database (dynfarm.db)")
+    store.close()
+    for provider in config.providers.values():
+        os.makedirs(config.state("ccd", provider.name), mode=0o755, exist_ok=True)
+        key = config.state("openvpn", provider.name + ".tlscrypt")
+        if not os.path.exists(key):
+            run(["openvpn", "--genkey", "secret", key])
+            os.chmod(key, 0o600)
+            added.append(f"tls-crypt key for {provider.name}")
+        added += write_server_config(config, provider)
+    for line in added:
+        print(f"added: {line}")
+    if not added:
+        print(f"nothing to add: site state in {config.state_dir} is complete")
+    return 0
+
+
+def write_server_config(config, provider):
+    """Regenerate the provider's OpenVPN server configuration if it is missing or stale."""
+    path = config.state("openvpn", provider.name + ".conf")
+    text = openvpn_server_config(config, provider)
+    try:
+        if read_text(path) == text:
+            return []
+        what = "updated"
+    except FileNotFoundError:
+        what = "added"
+    write_file(path, text, 0o600)
+    return [f"OpenVPN server configuration for {provider.name} ({what}: openvpn/{provider.name}.conf)"]
+
+
+def cmd_server(args, config):
+    serve(config)
+    return 0
+
+
+def cmd_vpn(args, config):
+    provider = config.provider(args.provider)
+    if not os.path.exists(config.state("openvpn", provider.name + ".tlscrypt")):
+        raise Fatal(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first", code=2)
+    write_server_config(config, provider)
+    path = config.state("openvpn", provider.name + ".conf")
+    sys.stdout.flush()
+    try:
+        os.execvp("openvpn", ["openvpn", "--config", path])
+    except FileNotFoundError:
+        raise Fatal("openvpn: command not found; install the openvpn package")
+
+
+def cmd_token(args, config):
+    provider = config.provider(args.provider)
+    token, expires = new_token(open_store(config), provider.name, args.uses, parse_duration(args.ttl))
+    print(token)
+    sys.stderr.write(f"token for {provider.name}: {args.uses} enrollment(s), valid until "
+                     f"{time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(expires))}\n")
+    return 0
+
+
+def cmd_bootstrap(args, config):
+    provider = config.provider(args.provider)
+    token, expires = new_token(open_store(config), provider.name, args.uses, parse_duration(args.ttl))
+    script = bootstrap_script(config, provider, token, expires)
+    print(cloud_init(script) if args.cloud_init else script, end="")
+    return 0
+
+
+def bootstrap_script(config, provider, token, expires):
+    """The POSIX sh that installs the boot hook on a fresh VM and enrolls it now."""
+    hook = os.path.join(os.path.dirname(os.path.realpath(__file__)), "dynfarm-client.sh")
+    try:
+        hook_text = read_text(hook)
+    except OSError:
+        raise Fatal(f"{hook}: missing; bootstrap ships it to the VM, keep it beside dynfarm.py")
+    ca = read_text(config.state("pki", "ca.crt"))
+    url = f"https://{config.public_address}:{config.listen_port}"
+    settings = (f"DYNFARM_SERVER={url}\nDYNFARM_CA=/etc/dynfarm/site-ca.pem\n"
+                f"DYNFARM_TOKEN={token}\nDYNFARM_PROVIDER={provider.name}\n")
+    for text in (hook_text, ca, settings):
+        if "\nDYNFARM_EOF\n" in "\n" + text:
+            raise Fatal("bootstrap: an embedded file contains the here-document marker DYNFARM_EOF")
+    until = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(expires))
+    return f"""#!/bin/sh
+# dynfarm bootstrap for provider {provider.name}: run as root on a fresh VM.
+# Installs the boot hook and enrolls this machine now. Token valid until {until}.
+set -eu
+
+install_files() {{
+    umask 077
+    mkdir -p /etc/dynfarm /usr/local/sbin
+    cat > /etc/dynfarm/site-ca.pem <<'DYNFARM_EOF'
+{ca.strip()}
+DYNFARM_EOF
+    cat > /etc/dynfarm/client.conf <<'DYNFARM_EOF'
+{settings.strip()}
+DYNFARM_EOF
+    cat > /usr/local/sbin/dynfarm-client.sh.new <<'DYNFARM_EOF'
+{hook_text.rstrip()}
+DYNFARM_EOF
+    chmod 0755 /usr/local/sbin/dynfarm-client.sh.new
+    mv /usr/local/sbin/dynfarm-client.sh.new /usr/local/sbin/dynfarm-client.sh
+}}
+
+install_hook() {{
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        umask 022
+        cat > /etc/systemd/system/dynfarm-client.service <<'DYNFARM_EOF'
+[Unit]
+Description=dynfarm: join the site (VPN, customization)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/dynfarm-client.sh
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+DYNFARM_EOF
+        systemctl daemon-reload
+        systemctl enable dynfarm-client.service
+    elif [ -d /etc/cron.d ]; then
+        # cron's own PATH lacks the sbin directories where openvpn lives
+        printf 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\\n%s\\n' \\
+            '@reboot root /usr/local/sbin/dynfarm-client.sh' > /etc/cron.d/dynfarm
+        chmod 0644 /etc/cron.d/dynfarm
+    else
+        [ -f /etc/rc.local ] || printf '#!/bin/sh\\n' > /etc/rc.local
+        grep -q dynfarm-client.sh /etc/rc.local || printf '/usr/local/sbin/dynfarm-client.sh &\\n' >> /etc/rc.local
+        chmod 0755 /etc/rc.local
+    fi
+}}
+
+main() {{
+    install_files
+    install_hook
+    exec /usr/local/sbin/dynfarm-client.sh
+}}
+
+main "$@"
+"""
+
+
+def cloud_init(script):
+    encoded = base64.b64encode(script.encode()).decode()
+    return ("#cloud-config\n"
+            "write_files:\n"
+            "  - path: /run/dynfarm-bootstrap.sh\n"
+            "    permissions: '0700'\n"
+            "    encoding: b64\n"
+            f"    content: {encoded}\n"
+            "runcmd:\n"
+            "  - [sh, /run/dynfarm-bootstrap.sh]\n")
+
+
+def cmd_revoke(args, config):
+    store = open_store(config)
+    host = store.host(args.host)
+    if host is None:
+        raise Fatal(f"no host named {args.host} (see 'remote_control list')", code=2)
+    with store.transaction():
+        store.revoke(host["name"])
+    remove_ccd(config, host["provider"], host["name"])
+    PKI(config.state("pki")).write_crl(store.revoked())
+    kicked = management_command(config, host["provider"], f"kill {host['name']}")
+    print(f"revoked {host['name']}" + ("; its VPN session was ended" if kicked and
+                                       any(line.startswith("SUCCESS") for line in kicked) else ""))
+    return 0
+
+
+def cmd_client(args, config):
+    token = args.token or os.environ.get("DYNFARM_TOKEN", "")
+    if not os.path.isfile(args.ca):
+        raise Fatal(f"{args.ca}: no such CA file (the site CA to pin; 'bootstrap' installs it)", code=2)
+    client = Client(args.server, args.ca, token, args.provider, args.state_dir,
+                    os.path.expanduser("~root"), args.timeout)
+    return client.main()
+
+
+def cmd_list(args, config):
+    providers = set(args.provider or [])
+    for name in providers:
+        config.provider(name)
+    rows = host_rows(config, open_store(config), providers)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        print(format_table(rows, ["name", "provider", "address", "state"]))
+    else:
+        sys.stderr.write("no hosts enrolled" + (f" for {', '.join(sorted(providers))}" if providers else "") + "\n")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="dynfarm.py",
+        description="Turn cloud VMs behind any NAT into worker nodes of your batch farm.",
+        epilog="Site side: init, then 'vpn PROVIDER' and 'server' (e.g. as systemd units), then "
+               "'bootstrap PROVIDER' for each VM's user-data. Exit codes: 0 success, 1 some hosts "
+               "or steps failed, 2 usage or configuration error.")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"site configuration (default {DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("init", help="create or complete the site state (CA, VPN configs, database)")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("server", help="run the enrollment service in the foreground")
+    p.set_defaults(func=cmd_server)
+    p = sub.add_parser("vpn", help="run a provider's OpenVPN server in the foreground")
+    p.add_argument("provider")
+    p.set_defaults(func=cmd_vpn)
+    for name, helptext in (("token", "print a new enrollment token for a provider"),
+                           ("bootstrap", "print the script (or cloud-init) that joins a fresh VM")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("provider")
+        p.add_argument("--uses", type=int, default=1, help="how many machines it may enroll (default 1)")
+        p.add_argument("--ttl", default="24h", help="how long it is valid: 30m, 24h, 7d (default 24h)")
+        if name == "bootstrap":
+            p.add_argument("--cloud-init", action="store_true", help="print cloud-init user-data instead")
+        p.set_defaults(func=cmd_token if name == "token" else cmd_bootstrap)
+    p = sub.add_parser("revoke", help="a host can no longer connect or re-enroll")
+    p.add_argument("host")
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("client", help="on a VM: enroll, bring the VPN up, apply the customization")
+    p.add_argument("--server", required=True, help="enrollment URL, e.g. https://203.0.113.1:8443")
+    p.add_argument("--ca", required=True, help="the site CA certificate to pin")
+    p.add_argument("--token", help="enrollment token (default: $DYNFARM_TOKEN; not needed once enrolled)")
+    p.add_argument("--provider", help="the provider this VM expects to join")
+    p.add_argument("--state-dir", default=CLIENT_STATE_DIR, help=f"where the client keeps its state "
+                                                                 f"(default {CLIENT_STATE_DIR})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server and the tunnel")
+    p.set_defaults(func=cmd_client, needs_config=False)
+
+    p = sub.add_parser("remote_control", help="the admin's view of the VMs (list)",
+                       description="Act on the enrolled VMs. Also runs as 'remote_control' (a symlink).")
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="site configuration")
+    p.add_argument("-p", "--provider", action="append", help="only this provider (repeatable)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    v = verbs.add_parser("list", help="hosts: name, provider, VPN address, connected or not")
+    v.add_argument("--json", action="store_true", help="machine-readable output with all recorded fields")
+    v.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.path.basename(sys.argv[0]) == "remote_control" and argv[:1] != ["remote_control"]:
+        argv = ["remote_control"] + argv
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config) if getattr(args, "needs_config", True) else None
+        return args.func(args, config)
+    except Fatal as e:
+        sys.stderr.write(f"dynfarm: {e}\n")
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The real enrollment server (TLS, threads, sqlite) on 127.0.0.1, fed bad input.
+
+Each bad request must get a 4xx or a closed connection, the server must keep
+serving, and the database must not change.
+"""
+
+import json
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import dynfarm
+from test_unit import db_snapshot, enroll_body
+
+
+@pytest.fixture
+def server(site):
+    config, store, pki = site
+    app = dynfarm.App(config, store, pki)
+    httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    ctx = ssl.create_default_context(cafile=config.state("pki", "ca.crt"))
+    yield httpd, ctx, store
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def url(httpd, path):
+    return f"https://127.0.0.1:{httpd.server_address[1]}{path}"
+
+
+def post(httpd, ctx, path, raw, headers=None):
+    request = urllib.request.Request(url(httpd, path), data=raw, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, context=ctx, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def healthy(httpd, ctx):
+    with urllib.request.urlopen(url(httpd, "/v1/health"), context=ctx, timeout=5) as r:
+        return json.loads(r.read())["ok"]
+
+
+def raw_tls(httpd, ctx, data):
+    """Send raw bytes over TLS; return the status line (or '' if closed)."""
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as sock:
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(data)
+            return tls.makefile("rb").readline().decode()
+
+
+def test_health_and_version(server):
+    httpd, ctx, _ = server
+    assert healthy(httpd, ctx)
+
+
+def test_enroll_over_tls(server, make_csr):
+    httpd, ctx, store = server
+    token, _ = dynfarm.new_token(store, "aruba", 1, 60)
+    status, answer = post(httpd, ctx, "/v1/enroll", json.dumps(enroll_body(token, make_csr()[1])).encode())
+    assert status == 200 and answer["name"] == "aruba-0001"
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"{not json", 400),
+    (b'{"version": 5}', 400),
+    (json.dumps({"version": "0" * 64}).encode(), 401),
+    (b"x" * (dynfarm.MAX_BODY + 1), 413),
+])
+def test_bad_bodies(server, raw, status):
+    httpd, ctx, store = server
+    before = db_snapshot(store)
+    assert post(httpd, ctx, "/v1/enroll", raw)[0] == status
+    assert db_snapshot(store) == before
+    assert healthy(httpd, ctx)
+
+
+def test_huge_content_length_is_refused_unread(server):
+    httpd, ctx, store = server
+    line = raw_tls(httpd, ctx, b"POST /v1/enroll HTTP/1.0\r\nContent-Length: 99999999999\r\n\r\n")
+    assert line.split()[1] == "413"
+    assert healthy(httpd, ctx)
+
+
+def test_missing_content_length(server):
+    httpd, ctx, _ = server
+    assert raw_tls(httpd, ctx, b"POST /v1/enroll HTTP/1.0\r\n\r\n").split()[1] == "411"
+
+
+def test_slow_client_is_cut_off_and_others_are_served(server):
+    """A client that never finishes its request is closed after request_timeout (2 s here)."""
+    httpd, ctx, store = server
+    before = db_snapshot(store)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=30) as sock:
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"POST /v1/enroll HTTP/1.0\r\nContent-Length: 500\r\n\r\n{")
+            assert healthy(httpd, ctx)          # served while the slow one hangs
+            assert tls.recv(1024) in (b"",)     # the server closes on us
+    assert time.monotonic() - started < 20
+    assert db_snapshot(store) == before
+
+
+def test_no_tls_handshake_does_not_block_the_server(server):
+    httpd, ctx, _ = server
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=30) as idle:
+        assert healthy(httpd, ctx)
+        idle.settimeout(30)
+        assert idle.recv(1024) == b""           # closed after request_timeout
+
+
+def test_untrusted_client_certificate_is_refused(server, tmp_path):
+    httpd, ctx, _ = server
+    key, crt = str(tmp_path / "k.pem"), str(tmp_path / "c.pem")
+    dynfarm.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", key, "-out", crt, "-subj", "/CN=aruba-0001", "-days", "1"])
+    ctx.load_cert_chain(crt, key)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        healthy(httpd, ctx)

@@ -1,0 +1,458 @@
+"""Unit tests: pure logic and the enrollment app in-process (no root, no network)."""
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+import dynfarm
+from conftest import SITE_CONF, write_site
+
+VERSION = hashlib.sha256(dynfarm.read_own_source()).hexdigest()
+
+
+# --- config -----------------------------------------------------------------
+
+def config_error(tmp_path, conf, capsys):
+    """Run a command on conf; return (exit code, stderr lines)."""
+    path = write_site(str(tmp_path), conf)
+    code = dynfarm.main(["-c", path, "init"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("change, message", [
+    (("vpn_port = 1194", "vpn_prot = 1194"), "unknown key 'vpn_prot'"),
+    (("[site]", "[sight]"), "missing [site] section"),
+    (("10.9.0.0/29", "10.8.0.0/25"), "overlaps"),
+    (("files = custom/aruba/files", "files = ../../etc"), "escapes the configuration directory"),
+    (("commands = custom/aruba/setup.sh", "commands = custom/../../x.sh"), "escapes the configuration directory"),
+    (("vpn_port = 1195", "vpn_port = 1194"), "both use udp port 1194"),
+    (("encap = vxlan", "encap = ipip"), "expected one of gre, vxlan"),
+    (("[provider:other]", "[provider:Other-1]"), "bad name"),
+    (("[link:master]", "[linky:master]"), "unknown section"),
+    (("listen = 127.0.0.1:0", "listen = nowhere"), "expected ADDRESS:PORT"),
+    (("vpn_subnet = 10.8.0.0/24", "vpn_subnet = 10.8.0.1/24"), "host bits set"),
+    (("public_address = 127.0.0.1\n", ""), "missing required key 'public_address'"),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
+    code, lines = config_error(tmp_path, SITE_CONF.replace(*change), capsys)
+    assert code == 2
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_missing_config_file_names_it(tmp_path, capsys):
+    assert dynfarm.main(["-c", str(tmp_path / "nope.conf"), "init"]) == 2
+    assert "nope.conf: no such configuration file" in capsys.readouterr().err
+
+
+def test_valid_config_parses(tmp_path):
+    config = dynfarm.load_config(write_site(str(tmp_path)))
+    aruba = config.providers["aruba"]
+    assert str(aruba.server_address) == "10.8.0.1"
+    assert aruba.interface == "df-aruba"
+    assert config.links["master"].encap == "vxlan"
+    assert aruba.commands == [os.path.realpath(str(tmp_path / "custom/aruba/setup.sh"))]
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800)])
+def test_durations(text, seconds):
+    assert dynfarm.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "1w", "-3h", "h"])
+def test_bad_durations(text):
+    with pytest.raises(dynfarm.Fatal):
+        dynfarm.parse_duration(text)
+
+
+# --- init ---------------------------------------------------------------------
+
+def test_init_is_idempotent(tmp_path, capsys):
+    path = write_site(str(tmp_path))
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    first = capsys.readouterr().out
+    assert "added: site CA" in first and "added: site database" in first
+    state = tmp_path / "state"
+    before = {p: p.stat().st_mtime_ns for p in state.rglob("*") if p.is_file() and p.suffix != ".db-shm"}
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    assert capsys.readouterr().out.startswith("nothing to add")
+    after = {p: p.stat().st_mtime_ns for p in state.rglob("*") if p.is_file() and p.suffix != ".db-shm"}
+    assert before == after
+
+
+def test_init_secrets_are_private(site):
+    config, _, _ = site
+    for name in ("pki/ca.key", "pki/server.key", "openvpn/aruba.tlscrypt", "dynfarm.db"):
+        assert os.stat(config.state(name)).st_mode & 0o077 == 0, name
+
+
+def test_openvpn_server_config_is_split_static_and_checked(site):
+    config, _, _ = site
+    text = dynfarm.openvpn_server_config(config, config.providers["aruba"])
+    for line in ("topology subnet", "ccd-exclusive", "dev df-aruba", "ifconfig 10.8.0.1 255.255.255.0",
+                 'push "route 10.10.0.5 255.255.255.255"', "remote-cert-tls client", "status-version 2",
+                 "keepalive 10 60", "dh none", "tls-version-min 1.2"):
+        assert line in text.splitlines(), line
+    assert "redirect-gateway" not in text
+    assert "\nserver " not in text            # no dynamic pool
+    for directive in ("crl-verify", "tls-crypt", "management", "client-config-dir", "status"):
+        assert any(line.startswith(directive + " ") for line in text.splitlines()), directive
+
+
+def test_openvpn_server_config_parses_with_real_openvpn(site, tmp_path):
+    """openvpn itself must accept what we generate (a typo would only show at boot)."""
+    config, _, _ = site
+    path = config.state("openvpn", "aruba.conf")
+    done = subprocess.run(["openvpn", "--config", path, "--dev", "null", "--ifconfig-noexec",
+                           "--route-noexec", "--verb", "0", "--show-ciphers"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+
+
+# --- tokens -----------------------------------------------------------------
+
+def test_token_is_stored_hashed(site):
+    _, store, _ = site
+    token, _ = dynfarm.new_token(store, "aruba", 1, 60)
+    row = store.token(token.split(".")[0])
+    assert token.split(".")[1] not in json.dumps(dict(row))
+    assert row["secret_sha256"] == hashlib.sha256(token.split(".")[1].encode()).hexdigest()
+
+
+def test_token_checks(site):
+    _, store, _ = site
+    good, _ = dynfarm.new_token(store, "aruba", 1, 60)
+    assert dynfarm.check_token(store, good)["provider"] == "aruba"
+    expired, _ = dynfarm.new_token(store, "aruba", 1, 1)
+    with pytest.raises(dynfarm.RequestError, match="expired"):
+        dynfarm.check_token(store, expired, now=time.time() + 5)
+    used, _ = dynfarm.new_token(store, "aruba", 1, 60)
+    store.use_token(used.split(".")[0])
+    with pytest.raises(dynfarm.RequestError, match="used up"):
+        dynfarm.check_token(store, used)
+    for bad in ("", "nodot", good + "x", "." + good.split(".")[1], good.split(".")[0] + ".wrong"):
+        with pytest.raises(dynfarm.RequestError, match="invalid"):
+            dynfarm.check_token(store, bad)
+
+
+def test_token_command_prints_only_the_token(site, capsys):
+    config, store, _ = site
+    assert dynfarm.main(["-c", config.path, "token", "aruba", "--uses", "3", "--ttl", "2h"]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert "\n" not in token and "3 enrollment(s)" in out.err
+    row = dynfarm.check_token(store, token)
+    assert row["uses_left"] == 3 and 7100 < row["expires_at"] - time.time() <= 7200
+
+
+def test_token_for_unknown_provider_is_a_usage_error(site, capsys):
+    config, _, _ = site
+    assert dynfarm.main(["-c", config.path, "token", "nosuch"]) == 2
+    assert "no provider 'nosuch'" in capsys.readouterr().err
+
+
+# --- addresses ------------------------------------------------------------------
+
+def test_allocate_lowest_free_skipping_server():
+    provider = dynfarm.Provider("p", 1, dynfarm.ipaddress.IPv4Network("10.9.0.0/29"), "udp", [], "", [])
+    assert dynfarm.allocate_address(provider, set()) == "10.9.0.2"
+    assert dynfarm.allocate_address(provider, {"10.9.0.2", "10.9.0.4"}) == "10.9.0.3"
+    with pytest.raises(dynfarm.RequestError, match="no free address left in 10.9.0.0/29") as e:
+        dynfarm.allocate_address(provider, {f"10.9.0.{i}" for i in range(2, 7)})
+    assert e.value.status == 503
+
+
+# --- the enrollment app, in-process -------------------------------------------------
+
+def enroll_body(token, csr, **extra):
+    body = {"version": VERSION, "token": token, "machine_id": "0123abcd", "hostname": "vm1", "csr": csr,
+            "host_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl1"], "facts": {"cores": 2}}
+    body.update(extra)
+    return body
+
+
+def call(app, path, body, peer_ip="127.0.0.1", method="POST", peer=("", "")):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return app.handle(dynfarm.Request(method, path, raw, peer_ip, *peer))
+
+
+def db_snapshot(store):
+    return ([dict(r) for r in store.db.execute("SELECT * FROM hosts ORDER BY name")],
+            [dict(r) for r in store.db.execute("SELECT * FROM tokens ORDER BY id")])
+
+
+@pytest.fixture
+def app(site):
+    config, store, pki = site
+    return dynfarm.App(config, store, pki)
+
+
+def test_enroll_gives_name_address_and_config(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 5, 60)
+    key, csr = make_csr()
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, csr))
+    assert status == 200, answer
+    assert (answer["name"], answer["address"], answer["vpn_server"]) == ("aruba-0001", "10.8.0.2", "10.8.0.1")
+    ovpn = answer["openvpn_config"]
+    assert "<ca>" in ovpn and "<cert>" in ovpn and "<tls-crypt>" in ovpn
+    assert "PRIVATE KEY" not in json.dumps(answer)
+    subject = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=answer["certificate"],
+                             capture_output=True, text=True).stdout
+    assert "CN = aruba-0001" in subject
+    with open(app.config.state("ccd", "aruba", "aruba-0001")) as f:
+        assert f.read() == "ifconfig-push 10.8.0.2 255.255.255.0\n"
+    custom = answer["customization"]
+    files = {f["path"]: f for f in custom["files"]}
+    assert base64.b64decode(files["/etc/dynfarm-test/greeting"]["data"]) == b"hello from the site\n"
+    assert files["/etc/dynfarm-test/greeting"]["mode"] == 0o640
+    assert custom["commands"][0]["name"] == "setup.sh"
+    assert custom["ssh_keys"][0].startswith("ssh-ed25519 ")
+
+
+def test_same_machine_gets_same_name_and_address(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    first = call(app, "/v1/enroll", enroll_body(token, csr))[1]
+    # the token is used up now: the same key still comes back to its record
+    again = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    assert again[0] == 200 and (again[1]["name"], again[1]["address"]) == (first["name"], first["address"])
+    _, other_csr = make_csr()
+    refused = call(app, "/v1/enroll", enroll_body(token, other_csr))
+    assert refused[0] == 401 and "used up" in refused[1]["error"]
+
+
+def test_certificate_identifies_a_host_without_token(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    answer = call(app, "/v1/enroll", enroll_body(token, csr))[1]
+    host = app.store.host(answer["name"])
+    body = enroll_body("", csr)
+    del body["token"]
+    status, again, _ = call(app, "/v1/enroll", body, peer=(answer["name"], host["pubkey_sha256"]))
+    assert status == 200 and again["address"] == answer["address"]
+    status, err, _ = call(app, "/v1/enroll", body, peer=(answer["name"], "0" * 64))
+    assert status == 403
+
+
+def test_concurrent_enrollments_get_distinct_addresses(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 40, 60)
+    csrs = [make_csr()[1] for _ in range(24)]
+    results = []
+
+    def one(csr):
+        results.append(call(app, "/v1/enroll", enroll_body(token, csr)))
+    threads = [threading.Thread(target=one, args=(c,)) for c in csrs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == [200] * 24
+    assert len({r[1]["address"] for r in results}) == 24
+    assert len({r[1]["name"] for r in results}) == 24
+    assert app.store.token(token.split(".")[0])["uses_left"] == 16
+
+
+def test_exhaustion_is_clear_and_changes_nothing(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "other", 10, 60)
+    for _ in range(5):                                  # a /29: .2 to .6
+        assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 200
+    before = db_snapshot(app.store)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert status == 503 and "no free address left in 10.9.0.0/29" in answer["error"]
+    assert db_snapshot(app.store) == before
+
+
+def test_token_of_one_provider_cannot_join_another(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    before = db_snapshot(app.store)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1], provider="other"))
+    assert status == 403 and "belongs to provider aruba" in answer["error"]
+    assert db_snapshot(app.store) == before
+
+
+def test_source_networks_are_enforced(site, make_csr):
+    config, store, pki = site
+    config.providers["aruba"].networks = [dynfarm.ipaddress.IPv4Network("192.0.2.0/24")]
+    app = dynfarm.App(config, store, pki)
+    token, _ = dynfarm.new_token(store, "aruba", 1, 60)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]), peer_ip="198.51.100.7")
+    assert status == 403 and "not in provider aruba's networks" in answer["error"]
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]), peer_ip="192.0.2.9")[0] == 200
+
+
+def test_old_client_is_told_to_update_without_using_the_token(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    status, answer, _ = call(app, "/v1/enroll", {"version": "0" * 64, "token": token, "legacy": 1})
+    assert status == 200 and answer == {"status": "update", "sha256": VERSION, "url": "/v1/client"}
+    assert app.store.token(token.split(".")[0])["uses_left"] == 1
+    status, source, headers = call(app, "/v1/client", b"", method="GET")
+    assert hashlib.sha256(source).hexdigest() == headers["X-Dynfarm-Sha256"] == VERSION
+    status, answer, _ = call(app, "/v1/enroll", {"version": "0" * 64, "token": "bad.token"})
+    assert status == 401
+
+
+@pytest.mark.parametrize("mutate, status, message", [
+    (lambda b: b"{not json", 400, "not valid JSON"),
+    (lambda b: b"[1, 2]", 400, "JSON object"),
+    (lambda b: dict(b, hostname=7), 400, "'hostname' must be a str"),
+    (lambda b: dict(b, facts=[]), 400, "'facts' must be a dict"),
+    (lambda b: dict(b, host_keys="ssh-ed25519 AAAA"), 400, "'host_keys' must be a list"),
+    (lambda b: dict(b, host_keys=["rm -rf /"]), 400, "host_keys"),
+    (lambda b: dict(b, machine_id="../../etc"), 400, "machine_id"),
+    (lambda b: dict(b, extra=1), 400, "unknown field 'extra'"),
+    (lambda b: {k: v for k, v in b.items() if k != "csr"}, 400, "missing field 'csr'"),
+    (lambda b: dict(b, csr="-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"),
+     400, "csr"),
+    (lambda b: dict(b, csr=tamper(b["csr"])), 400, "signature does not verify"),
+    (lambda b: dict(b, token="x" * 500), 400, "too long"),
+    (lambda b: dict(b, version=True), 400, "version"),
+])
+def test_bad_requests_get_4xx_and_change_nothing(app, make_csr, mutate, status, message):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    body = mutate(enroll_body(token, make_csr()[1]))
+    before = db_snapshot(app.store)
+    got, answer, _ = call(app, "/v1/enroll", body)
+    assert got == status and message in answer["error"], answer
+    assert db_snapshot(app.store) == before
+    assert os.listdir(app.config.state("ccd", "aruba")) == []
+
+
+def tamper(csr_pem):
+    """Flip one bit of the CSR's signature: still well-formed, no longer valid."""
+    der = bytearray(dynfarm.pem_to_der(csr_pem, "CERTIFICATE REQUEST"))
+    der[-3] ^= 1
+    body = base64.encodebytes(bytes(der)).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
+def test_unknown_paths_and_methods(app):
+    assert call(app, "/v1/nope", b"")[0] == 404
+    assert call(app, "/v1/enroll", b"", method="GET")[0] == 405
+    assert call(app, "/v1/health", b"", method="GET")[1]["version"] == VERSION
+
+
+def test_report_needs_a_certificate(app):
+    assert call(app, "/v1/report", {"ok": True, "steps": [], "ready_seconds": 1})[0] == 401
+
+
+def test_revoked_host_cannot_re_enroll_and_is_in_the_crl(app, make_csr, capsys):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    answer = call(app, "/v1/enroll", enroll_body(token, csr))[1]
+    assert dynfarm.main(["-c", app.config.path, "revoke", answer["name"]]) == 0
+    assert not os.path.exists(app.config.state("ccd", "aruba", answer["name"]))
+    status, err, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    assert status == 403 and "revoked" in err["error"]
+    crl = subprocess.run(["openssl", "crl", "-in", app.config.state("pki", "crl.pem"), "-noout", "-text"],
+                         capture_output=True, text=True).stdout
+    serial = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=answer["certificate"],
+                            capture_output=True, text=True).stdout.split("=")[1].strip()
+    assert serial in crl.replace(":", "").upper()
+
+
+# --- DER ----------------------------------------------------------------------
+
+def test_csr_and_certificate_carry_the_same_key(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    _, csr = make_csr()
+    cert = call(app, "/v1/enroll", enroll_body(token, csr))[1]["certificate"]
+    assert dynfarm.cert_public_key(dynfarm.pem_to_der(cert, "CERTIFICATE")) == dynfarm.csr_public_key(csr)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x30", b"\x30\x85\x01\x02\x03\x04\x05", b"\x30\x03\x02\x01"])
+def test_der_parser_rejects_junk(junk):
+    with pytest.raises(ValueError):
+        dynfarm.public_key_of(junk, 2)
+
+
+# --- client-side customization -----------------------------------------------------
+
+@pytest.fixture
+def client(tmp_path):
+    return dynfarm.Client("https://127.0.0.1:1", "ca.pem", "", "", str(tmp_path / "state"),
+                          str(tmp_path / "root"), 5)
+
+
+def test_ssh_keys_installed_once_after_ten_boots(client, tmp_path):
+    for _ in range(10):
+        client.install_ssh_keys(["ssh-ed25519 AAAAkey1 admin", "ssh-ed25519 AAAAkey2 other"])
+    path = tmp_path / "root" / ".ssh" / "authorized_keys"
+    assert path.read_text().splitlines() == ["ssh-ed25519 AAAAkey1 admin", "ssh-ed25519 AAAAkey2 other"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "root" / ".ssh").stat().st_mode & 0o777 == 0o700
+
+
+def test_files_written_with_modes_and_paths_checked(client, tmp_path):
+    target = tmp_path / "out" / "conf"
+    client.apply_file({"path": str(target), "type": "file", "mode": 0o600,
+                       "data": base64.b64encode(b"x=1\n").decode()})
+    assert target.read_bytes() == b"x=1\n" and target.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(dynfarm.Fatal):
+        client.apply_file({"path": "etc/relative", "type": "file", "mode": 0o644, "data": ""})
+
+
+def test_commands_run_in_order_and_failures_counted(client, tmp_path, capsys):
+    os.makedirs(client.dir)
+    out = tmp_path / "order"
+    failed = client.apply_customization({"ssh_keys": [], "files": [], "commands": [
+        {"name": "a.sh", "script": f"echo a >> {out}\n"},
+        {"name": "b.sh", "script": f"echo b >> {out}; exit 3\n"},
+        {"name": "c.sh", "script": f"echo c >> {out}\n"},
+    ]})
+    assert failed == 1
+    assert out.read_text() == "a\nb\nc\n"
+    said = capsys.readouterr().out
+    assert "command a.sh: exit 0" in said and "command b.sh: exit 3" in said
+
+
+# --- remote_control list and known_hosts --------------------------------------------------
+
+def test_list_and_known_hosts(app, make_csr, capsys):
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    for _ in range(2):
+        call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert dynfarm.main(["-c", app.config.path, "remote_control", "-p", "aruba", "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "PROVIDER", "ADDRESS", "STATE"]
+    assert table[1].split() == ["aruba-0001", "aruba", "10.8.0.2", "vpn-down"]
+    assert dynfarm.main(["-c", app.config.path, "remote_control", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["aruba-0001", "aruba-0002"]
+    assert dynfarm.known_hosts(app.store).splitlines()[0] == "10.8.0.2 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl1"
+
+
+def test_remote_control_symlink_dispatch(site, tmp_path):
+    config, _, _ = site
+    link = tmp_path / "remote_control"
+    link.symlink_to(os.path.join(os.path.dirname(dynfarm.__file__), "dynfarm.py"))
+    done = subprocess.run([str(link), "-c", config.path, "list"], capture_output=True, text=True)
+    assert done.returncode == 0 and "no hosts enrolled" in done.stderr
+
+
+# --- bootstrap ------------------------------------------------------------------
+
+def test_bootstrap_is_valid_posix_sh_with_a_fresh_token(site, capsys):
+    config, store, _ = site
+    assert dynfarm.main(["-c", config.path, "bootstrap", "aruba", "--uses", "5"]) == 0
+    script = capsys.readouterr().out
+    for shell in (["dash", "-n"], ["busybox", "sh", "-n"]):
+        done = subprocess.run(shell, input=script, capture_output=True, text=True)
+        assert done.returncode == 0, (shell, done.stderr)
+    token = next(line.split("=", 1)[1] for line in script.splitlines() if line.startswith("DYNFARM_TOKEN="))
+    assert dynfarm.check_token(store, token)["uses_left"] == 5
+    assert "BEGIN CERTIFICATE" in script and script.rstrip().endswith('main "$@"')
+    assert "DYNFARM_SERVER=https://127.0.0.1:0" in script
+
+
+def test_bootstrap_cloud_init_carries_the_same_script(site, capsys):
+    config, _, _ = site
+    assert dynfarm.main(["-c", config.path, "bootstrap", "aruba", "--cloud-init"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("#cloud-config\n")
+    encoded = next(line.split(":", 1)[1].strip() for line in text.splitlines() if "content:" in line)
+    assert base64.b64decode(encoded).decode().startswith("#!/bin/sh")
