@@ -1,7 +1,7 @@
 # dynfarm: `make help` lists the targets.
 PYTHON ?= python3
 VENV ?= .venv
-DEBS := openvpn openssh-server openssh-client iptables iproute2 openssl dash busybox slurm-wlm munge
+DEBS := openvpn openssh-server openssh-client iptables iproute2 iputils-ping openssl dash busybox slurm-wlm munge
 PYTEST := $(VENV)/bin/python -m pytest
 
 .DEFAULT_GOAL := help

@@ -1,0 +1,157 @@
+"""A dynfarm site in the namespace world: config, daemons, the admin's view.
+
+Shared by the system tests and the demo. The site directory holds site.conf,
+the admin key, the customization tree and the daemons' logs.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import dynfarm  # noqa: E402
+from world import World  # noqa: E402
+
+DYNFARM = os.path.join(REPO, "dynfarm.py")
+VMS = ("vm1", "vm2", "vm3")
+
+SITE_CONF = """\
+[site]
+state_dir = state
+listen = 0.0.0.0:8443
+public_address = 203.0.113.1
+ssh_keys = admin_key.pub
+ssh_identity = admin_key
+request_timeout = 5
+
+[provider:aruba]
+vpn_port = 1194
+vpn_subnet = 10.8.0.0/24
+networks = 203.0.113.0/24
+files = custom/aruba/files
+commands = custom/aruba/setup.sh
+
+[provider:other]
+vpn_port = 1195
+vpn_subnet = 10.9.0.0/24
+
+[link:master]
+address = 10.10.0.5
+encap = vxlan
+"""
+
+
+class Farm:
+    """The world plus the site's daemons and the admin's view of it."""
+
+    def __init__(self, world, site_dir):
+        self.world = world
+        self.dir = site_dir
+        self.conf = os.path.join(site_dir, "site.conf")
+        self.server = None
+
+    def dynfarm(self, *args, node="site", check=True, input=None):
+        return self.world.run(node, [sys.executable, DYNFARM, "-c", self.conf, *args], check=check, input=input)
+
+    def start_server(self):
+        self.server = self.world.spawn("site", [sys.executable, DYNFARM, "-c", self.conf, "server"],
+                                       os.path.join(self.dir, "server.log"))
+        wait_for(lambda: self.world.run("site", [sys.executable, "-c", HEALTH], check=False).returncode == 0,
+                 "enrollment server answering")
+
+    def stop_server(self):
+        self.server.terminate()
+        self.server.wait(10)
+
+    def hosts(self):
+        return {h["name"]: h for h in json.loads(self.dynfarm("remote_control", "list", "--json").stdout)}
+
+    def host_of(self, vm):
+        state = json.loads(read(self.world.vm_path(vm, "/var/lib/dynfarm/enrollment.json")))
+        return state["name"], state["address"]
+
+    def store(self):
+        return dynfarm.Store(os.path.join(self.dir, "state", "dynfarm.db"))
+
+    def write_known_hosts(self):
+        """The admin's known_hosts, from the host keys the VMs sent at enrollment."""
+        with open(os.path.join(self.dir, "known_hosts"), "w") as f:
+            f.write(dynfarm.known_hosts(self.store()))
+
+    def ssh(self, address, command, known_hosts=None, check=True):
+        known_hosts = known_hosts or os.path.join(self.dir, "known_hosts")
+        return self.world.run("site", [
+            "ssh", "-F", "/dev/null", "-i", os.path.join(self.dir, "admin_key"),
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "ConnectTimeout=5", f"root@{address}", command], check=check, timeout=30)
+
+    def boot(self, vm, check=True):
+        """What the VM's boot runs (cron @reboot): the hook the bootstrap installed."""
+        return self.world.run(vm, ["/usr/local/sbin/dynfarm-client.sh"], check=check, timeout=90)
+
+    def kill_vpn_client(self, vm):
+        pid = int(read(self.world.vm_path(vm, "/var/lib/dynfarm/openvpn.pid")))
+        os.kill(pid, 15)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), f"openvpn of {vm} gone")
+
+
+HEALTH = ("import ssl,sys,urllib.request;"
+          "ctx=ssl.create_default_context(cafile=sys.argv[1] if len(sys.argv)>1 else None);"
+          "ctx.check_hostname=False;ctx.verify_mode=ssl.CERT_NONE;"
+          "urllib.request.urlopen('https://203.0.113.1:8443/v1/health',context=ctx,timeout=2)")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def wait_for(check, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+
+def write_site(site_dir):
+    """site.conf, the admin's ssh key and aruba's customization (a file, a script)."""
+    files = os.path.join(site_dir, "custom", "aruba", "files", "etc", "dynfarm-test")
+    os.makedirs(files)
+    with open(os.path.join(site_dir, "site.conf"), "w") as f:
+        f.write(SITE_CONF)
+    with open(os.path.join(files, "greeting"), "w") as f:
+        f.write("hello from the site\n")
+    os.chmod(os.path.join(files, "greeting"), 0o640)
+    with open(os.path.join(site_dir, "custom", "aruba", "setup.sh"), "w") as f:
+        f.write("hostname > /etc/dynfarm-test/setup-ran\necho setup done\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@site",
+                    "-f", os.path.join(site_dir, "admin_key")], check=True)
+
+
+@contextlib.contextmanager
+def running_farm(tmp, vms=VMS):
+    """The world up, the site initialised, its VPNs and server running, sshd on every VM."""
+    site_dir = os.path.join(tmp, "site")
+    write_site(site_dir)
+    world = World(os.path.join(tmp, "world"), vms=len(vms))
+    world.up()
+    try:
+        farm = Farm(world, site_dir)
+        farm.dynfarm("init")
+        for provider in ("aruba", "other"):
+            world.spawn("site", [sys.executable, DYNFARM, "-c", farm.conf, "vpn", provider],
+                        os.path.join(site_dir, f"vpn-{provider}.log"))
+        farm.start_server()
+        for vm in vms:
+            world.start_sshd(vm)
+        yield farm
+    finally:
+        world.down()
