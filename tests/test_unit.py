@@ -355,6 +355,38 @@ def test_revoked_host_cannot_re_enroll_and_is_in_the_crl(app, make_csr, capsys):
     assert serial in crl.replace(":", "").upper()
 
 
+# --- PKI through the seam ----------------------------------------------------------
+
+def test_signing_command_checks_the_request_and_forces_the_name(site, make_csr, monkeypatch):
+    _, _, pki = site
+    _, csr = make_csr()
+    seen = []
+    real_run = dynfarm.run
+
+    def spy(argv, **kw):
+        seen.append((argv, kw.get("input")))
+        return real_run(argv, **kw)
+    monkeypatch.setattr(dynfarm, "run", spy)
+    serial, cert = pki.sign_client(csr, "aruba-0042")
+    argv, given = seen[0]
+    assert argv[:8] == ["openssl", "req", "-config", pki.path("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509"]
+    assert argv[argv.index("-subj") + 1] == "/CN=aruba-0042"
+    assert argv[argv.index("-set_serial") + 1] == "0x" + serial
+    assert argv[argv.index("-CAkey") + 1] == pki.path("ca.key")
+    assert "extendedKeyUsage=clientAuth" in argv and given == csr.encode()
+
+
+def test_a_certificate_for_another_key_is_refused(site, make_csr, monkeypatch):
+    """Were openssl to sign a key of its own, the certificate must not go out."""
+    _, _, pki = site
+    _, csr = make_csr()
+    _, other_csr = make_csr()
+    real_run = dynfarm.run
+    monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: real_run(argv, **dict(kw, input=other_csr.encode())))
+    with pytest.raises(dynfarm.Fatal, match="signed a key other than the request's"):
+        pki.sign_client(csr, "aruba-0042")
+
+
 # --- DER ----------------------------------------------------------------------
 
 def test_csr_and_certificate_carry_the_same_key(app, make_csr):
