@@ -412,6 +412,11 @@ class Store:
     def __init__(self, path):
         self.path = path
         self.local = threading.local()
+        # The server runs each request in a new thread; a new connection per
+        # thread would re-read the schema every time, so connections are
+        # pooled: a thread borrows one on first use and gives it back.
+        self.pool = []
+        self.pool_lock = threading.Lock()
         # Writers of this process queue here rather than in sqlite's busy
         # handler, which sleeps up to 100 ms between tries while the lock
         # sits free; busy_timeout remains for other processes (token, revoke).
@@ -421,14 +426,25 @@ class Store:
     def db(self):
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            with self.pool_lock:
+                conn = self.pool.pop() if self.pool else None
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 30000")
             # WAL with synchronous=NORMAL: still consistent after a crash; a
             # power cut may lose the last enrollments, which clients redo.
             conn.execute("PRAGMA synchronous = NORMAL")
-            self.local.conn = conn
+        self.local.conn = conn
         return conn
+
+    def release(self):
+        """Give this thread's connection back to the pool."""
+        conn = getattr(self.local, "conn", None)
+        if conn is not None:
+            self.local.conn = None
+            with self.pool_lock:
+                self.pool.append(conn)
 
     def create(self):
         created = not os.path.exists(self.path)
@@ -1196,7 +1212,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         try:
             with self.server.busy:
-                status, answer, headers = self.server.app.handle(request)
+                try:
+                    status, answer, headers = self.server.app.handle(request)
+                finally:
+                    self.server.app.store.release()
         except Exception as e:   # a bug: keep serving, say so in the log
             log(f"internal error on {request.path}: {e!r}")
             status, answer, headers = 500, {"error": "internal server error; see the server log"}, {}
