@@ -71,7 +71,8 @@ SERVER_CN = "dynfarm-server"
 # Provider names end up in interface names (df-NAME, 15 bytes at most) and
 # host names (NAME-0001), so they are short and carry no dash.
 PROVIDER_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-LINK_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+# Link names end up in interface names too: dl-NAME, 15 bytes at most.
+LINK_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$")
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
@@ -169,6 +170,7 @@ PROVIDER_KEYS = {
     "networks": "0.0.0.0/0",
     "files": "",
     "commands": "",
+    "vm_to_vm": "yes",
 }
 LINK_KEYS = {"address": None, "encap": "gre"}
 MODES = ("gre", "routed", "bridged")
@@ -184,6 +186,7 @@ class Provider:
     networks: list
     files: str       # absolute path of the tree copied onto the VM, or ""
     commands: list   # absolute paths of scripts run on the VM, in order
+    vm_to_vm: bool   # may this provider's VMs reach each other
 
     @property
     def server_address(self):
@@ -199,6 +202,11 @@ class Link:
     name: str
     address: ipaddress.IPv4Address
     encap: str
+    index: int       # position in the configuration: picks its link subnet and VXLAN id
+
+    @property
+    def device(self):
+        return f"dl-{self.name}"
 
 
 @dataclasses.dataclass
@@ -249,10 +257,10 @@ def load_config(path):
         if kind == "provider" and PROVIDER_RE.match(name):
             providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path)
         elif kind == "link" and LINK_RE.match(name):
-            links[name] = parse_link(name, section_values(parser, section, LINK_KEYS, path), path)
+            links[name] = parse_link(name, section_values(parser, section, LINK_KEYS, path), len(links), path)
         elif kind in ("provider", "link"):
             raise ConfigError(f"{path}: [{section}]: bad name '{name}' (provider: lowercase letters and digits, "
-                              f"at most 12, no dash; link: lowercase, digits and dashes)")
+                              f"at most 12, no dash; link: lowercase, digits and dashes, at most 12)")
         else:
             raise ConfigError(f"{path}: unknown section [{section}] (expected [site], [provider:NAME], [link:NAME])")
     if not providers:
@@ -332,7 +340,9 @@ def parse_provider(name, values, base, path):
     for command in commands:
         if not os.path.isfile(command):
             raise ConfigError(f"{where} commands: {command}: no such file")
-    return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands)
+    if values["vm_to_vm"] not in ("yes", "no"):
+        raise ConfigError(f"{where} vm_to_vm = {values['vm_to_vm']}: expected yes or no")
+    return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands, values["vm_to_vm"] == "yes")
 
 
 def customization_path(relative, base, where, key):
@@ -343,7 +353,7 @@ def customization_path(relative, base, where, key):
     return resolved
 
 
-def parse_link(name, values, path):
+def parse_link(name, values, index, path):
     where = f"{path}: [link:{name}]"
     try:
         address = ipaddress.IPv4Address(values["address"])
@@ -351,7 +361,7 @@ def parse_link(name, values, path):
         raise ConfigError(f"{where} address = {values['address']}: not an IPv4 address")
     if values["encap"] not in ENCAPS:
         raise ConfigError(f"{where} encap = {values['encap']}: expected one of {', '.join(ENCAPS)}")
-    return Link(name, address, values["encap"])
+    return Link(name, address, values["encap"], index)
 
 
 def check_no_overlap(providers, path):
@@ -886,6 +896,216 @@ def connected_clients(config, provider_name):
         if fields[0] == "CLIENT_LIST" and len(fields) > 2:
             clients[fields[1]] = fields[2]
     return clients
+
+
+# === Network: links (gre | vxlan), policy routing, firewall ===
+#
+# In gre mode the VPN server is a router with a wall: packets coming in from
+# a provider's tun device are looked up in their own routing table, which
+# holds a route to each linked host (through its link) and 'unreachable' for
+# everything else. An iptables chain repeats the same rule as a second wall.
+# Each linked host runs the other end of its link (links peer NAME) and routes
+# the VPN subnets back through it, so the VMs see the linked hosts at their
+# real site addresses and nothing else of the site.
+
+LINK_TABLE = 4200                                   # routing table and rule priority
+LINK_NET = ipaddress.IPv4Network("169.254.64.0/18")  # a /30 per link, by its index
+VXLAN_PORT = 4789
+PEER_DEVICE = "dl-dynfarm"                          # the link device on the linked host
+FORWARD_CHAIN = "DYNFARM-FWD"
+MSS_CHAIN = "DYNFARM-MSS"
+
+
+def link_addresses(link):
+    """(our end, their end) of the link's /30, as strings."""
+    base = int(LINK_NET.network_address) + 4 * link.index
+    return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
+
+
+def link_device_argv(device, link, local, remote):
+    """ip(8) argv creating one end of a link; the same for both ends but local/remote."""
+    if link.encap == "gre":
+        return ["ip", "link", "add", device, "type", "gre", "local", local, "remote", remote, "ttl", "64"]
+    return ["ip", "link", "add", device, "type", "vxlan", "id", str(LINK_TABLE + link.index),
+            "local", local, "remote", remote, "dstport", str(VXLAN_PORT)]
+
+
+def step(do, undo=None, previous=None):
+    """One action of a plan: its argv, the argv that undoes it, and for a
+    sysctl the /proc file whose value the undo restores ({previous})."""
+    return {"do": do, "undo": undo, "previous": previous}
+
+
+def sysctl_step(key, value):
+    path = "/proc/sys/" + key.replace(".", "/")
+    return step(["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={{previous}}"], path)
+
+
+def links_plan(config, outer):
+    """Every action 'links up' takes, as data; outer maps link name -> our outer address."""
+    plan = [sysctl_step("net.ipv4.ip_forward", 1)]
+    if config.mode == "gre":
+        plan += link_device_steps(config, outer) + policy_routing_steps(config)
+    plan += firewall_steps(config)
+    return plan
+
+
+def link_device_steps(config, outer):
+    plan = []
+    for link in config.links.values():
+        ours, theirs = link_addresses(link)
+        dev = link.device
+        plan += [
+            step(link_device_argv(dev, link, outer[link.name], str(link.address)), ["ip", "link", "del", dev]),
+            step(["ip", "addr", "add", ours + "/30", "dev", dev]),
+            # Replies from the linked host come in on the link, not on the LAN
+            # where its address lives: loose reverse-path checking only.
+            step(["sysctl", "-qw", f"net.ipv4.conf.{dev}.rp_filter=2"]),
+            step(["ip", "link", "set", dev, "up"]),
+        ]
+    return plan
+
+
+def policy_routing_steps(config):
+    table = str(LINK_TABLE)
+    plan = []
+    for link in config.links.values():
+        route = [f"{link.address}/32", "via", link_addresses(link)[1], "dev", link.device, "table", table]
+        plan.append(step(["ip", "route", "add"] + route, ["ip", "route", "del"] + route))
+    plan.append(step(["ip", "route", "add", "unreachable", "default", "table", table],
+                     ["ip", "route", "del", "unreachable", "default", "table", table]))
+    for provider in config.providers.values():
+        if provider.vm_to_vm:
+            rule = ["iif", provider.interface, "to", str(provider.vpn_subnet), "lookup", "main",
+                    "pref", str(LINK_TABLE - 1)]
+            plan.append(step(["ip", "rule", "add"] + rule, ["ip", "rule", "del"] + rule))
+        rule = ["iif", provider.interface, "lookup", table, "pref", table]
+        plan.append(step(["ip", "rule", "add"] + rule, ["ip", "rule", "del"] + rule))
+    return plan
+
+
+def firewall_steps(config):
+    """The second wall (filter FORWARD) and MSS clamping (mangle FORWARD)."""
+    vpn = "df-+"
+    rules = []
+    if config.mode == "gre":
+        for link in config.links.values():
+            rules += [["-i", vpn, "-o", link.device, "-d", str(link.address), "-j", "ACCEPT"],
+                      ["-i", link.device, "-s", str(link.address), "-o", vpn, "-j", "ACCEPT"]]
+    for provider in config.providers.values():
+        if provider.vm_to_vm:
+            rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])
+    if config.mode == "routed":
+        # the site's routers decide who reaches the VMs; only VM to VM is ours
+        rules += [["-i", vpn, "-o", vpn, "-j", "DROP"], ["-i", vpn, "-j", "ACCEPT"], ["-o", vpn, "-j", "ACCEPT"]]
+    rules += [["-i", vpn, "-j", "DROP"], ["-o", vpn, "-j", "DROP"]]
+    plan = chain_steps("filter", FORWARD_CHAIN, rules)
+    # Tunnels inside tunnels: clamp TCP's MSS to the path MTU of the way out,
+    # so bulk transfers never depend on ICMP 'fragmentation needed' getting back.
+    clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--clamp-mss-to-pmtu"]
+    plan += chain_steps("mangle", MSS_CHAIN, [["-o", vpn] + clamp, ["-i", vpn] + clamp])
+    return plan
+
+
+def chain_steps(table, chain, rules):
+    ipt = ["iptables", "-w", "-t", table]
+    plan = [step(ipt + ["-N", chain], ipt + ["-X", chain])]
+    plan += [step(ipt + ["-A", chain] + rule, ipt + ["-D", chain] + rule) for rule in rules]
+    plan.append(step(ipt + ["-I", "FORWARD", "1", "-j", chain], ipt + ["-D", "FORWARD", "-j", chain]))
+    return plan
+
+
+def outer_addresses(config):
+    """Our address toward each linked host: the source the kernel would use."""
+    outer = {}
+    for link in config.links.values():
+        route = run(["ip", "-o", "route", "get", str(link.address)]).stdout.decode().split()
+        if "src" not in route:
+            raise Fatal(f"link {link.name}: no route to {link.address} from this host", code=2)
+        outer[link.name] = route[route.index("src") + 1]
+    return outer
+
+
+def apply_plan(plan, record_path):
+    """Run each step; record what was done (with its undo) as we go.
+
+    On a failure, undo what this run did, newest first, and raise: a half-made
+    network is worse than none.
+    """
+    done = []
+    try:
+        for action in plan:
+            undo = action["undo"]
+            if action["previous"]:
+                undo = [a.replace("{previous}", read_text(action["previous"]).strip()) for a in undo]
+            run(action["do"])
+            done.append({"do": action["do"], "undo": undo})
+            write_file(record_path, json.dumps(done, indent=1), 0o600)
+    except BaseException:
+        undo_steps(done)
+        remove_file(record_path)
+        raise
+    return done
+
+
+def undo_steps(done):
+    """Undo recorded steps, newest first; go on past failures, and report them."""
+    failures = []
+    for action in reversed(done):
+        if action["undo"]:
+            result = run(action["undo"], check=False)
+            if result.returncode != 0:
+                failures.append(" ".join(action["undo"]))
+    return failures
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def peer_script(config, link, outer, down=False):
+    """POSIX sh for the linked host's end: its link device and the routes back."""
+    ours, theirs = link_addresses(link)
+    create = " ".join(shlex.quote(a) for a in link_device_argv(PEER_DEVICE, link, str(link.address), outer))
+    lines = [
+        "#!/bin/sh",
+        f"# dynfarm link '{link.name}': the linked host's end ({link.address}), {link.encap} to the VPN server "
+        f"{outer}.",
+        f"# Run as root on {link.address}:  dynfarm.py links peer {link.name}"
+        + (" --down" if down else "") + f" | ssh root@{link.address} sh",
+        "set -eu",
+        "",
+        "main() {",
+    ]
+    if down:
+        lines += [f"    if ip link show {PEER_DEVICE} >/dev/null 2>&1; then ip link del {PEER_DEVICE}; fi"]
+    else:
+        lines += [
+            f"    ip link show {PEER_DEVICE} >/dev/null 2>&1 || {create}",
+            f"    ip addr replace {theirs}/30 dev {PEER_DEVICE}",
+            f"    echo 2 > /proc/sys/net/ipv4/conf/{PEER_DEVICE}/rp_filter",
+            f"    ip link set {PEER_DEVICE} up",
+        ]
+        for provider in config.providers.values():
+            lines.append(f"    ip route replace {provider.vpn_subnet} via {ours} dev {PEER_DEVICE} src {link.address}")
+    lines += ["}", "", 'main "$@"', ""]
+    return "\n".join(lines)
+
+
+def peer_answers(link, timeout=1.0):
+    """Does the far end of the link answer? Any TCP answer (even a refusal) counts."""
+    with socket.socket() as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((link_addresses(link)[1], 22))
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return False
+        return True
 
 
 # === Server ===
@@ -1831,6 +2051,92 @@ def cmd_revoke(args, config):
     return 0
 
 
+def cmd_links(args, config):
+    if config.mode == "bridged":
+        raise Fatal("links: bridged mode is not built yet; use mode = gre or routed", code=2)
+    record = config.state("run", "links.json")
+    return {"up": links_up, "down": links_down, "status": links_status, "peer": links_peer}[args.action](
+        args, config, record)
+
+
+def links_up(args, config, record):
+    plan = links_plan(config, outer_addresses(config) if config.mode == "gre" else {})
+    if args.dry_run:
+        for action in plan:
+            print("[#] " + " ".join(shlex.quote(a) for a in action["do"]))
+        return 0
+    recorded = read_record(record)
+    if recorded is not None:
+        if [a["do"] for a in recorded] == [a["do"] for a in plan]:
+            print("links already up; nothing changed")
+            return 0
+        print("configuration changed: taking the old links down first")
+        undo_steps(recorded)
+        remove_file(record)
+    os.makedirs(os.path.dirname(record), mode=0o700, exist_ok=True)
+    apply_plan(plan, record)
+    print(f"links up ({config.mode} mode): {len(plan)} actions, recorded in {record}; "
+          "'dynfarm.py links down' undoes exactly these")
+    return 0
+
+
+def read_record(record):
+    """What the last 'links up' did, if it still stands (the kernel forgets at reboot)."""
+    try:
+        recorded = json.loads(read_text(record))
+    except (OSError, ValueError):
+        return None
+    if run(["iptables", "-w", "-S", FORWARD_CHAIN], check=False).returncode != 0:
+        remove_file(record)     # stale: made before a reboot
+        return None
+    return recorded
+
+
+def links_down(args, config, record):
+    recorded = read_record(record)
+    if recorded is None:
+        print("links are not up; nothing to do")
+        return 0
+    failures = undo_steps(recorded)
+    remove_file(record)
+    for failure in failures:
+        sys.stderr.write(f"dynfarm: could not undo: {failure}\n")
+    print(f"links down: {len(recorded) - len(failures)} of {len(recorded)} actions undone")
+    return 1 if failures else 0
+
+
+def links_status(args, config, record):
+    up = read_record(record) is not None
+    print(f"mode {config.mode}; links {'up' if up else 'down'}")
+    if config.mode == "routed":
+        subnets = ", ".join(str(p.vpn_subnet) for p in config.providers.values())
+        print(f"the site's routers must route {subnets} to this host, e.g.:")
+        for provider in config.providers.values():
+            print(f"  ip route add {provider.vpn_subnet} via ADDRESS-OF-THIS-HOST")
+        return 0
+    rows = []
+    for link in config.links.values():
+        present = os.path.exists(f"/sys/class/net/{link.device}")
+        answers = present and peer_answers(link)
+        rows.append({"link": link.name, "encap": link.encap, "address": str(link.address),
+                     "device": link.device, "state": "up" if present else "absent",
+                     "peer": "answers" if answers else "silent"})
+    if rows:
+        print(format_table(rows, ["link", "encap", "address", "device", "state", "peer"]))
+    else:
+        print("no [link:NAME] sections: VMs reach only the VPN server")
+    return 0 if all(r["peer"] == "answers" for r in rows) or not up else 1
+
+
+def links_peer(args, config, record):
+    if args.name not in config.links:
+        known = ", ".join(config.links) or "none"
+        raise Fatal(f"no link named '{args.name}' (configured: {known})", code=2)
+    link = config.links[args.name]
+    print(peer_script(config, link, outer_addresses(config)[link.name], down=args.down), end="")
+    return 0
+
+
 def cmd_client(args, config):
     token = args.token or os.environ.get("DYNFARM_TOKEN", "")
     if not os.path.isfile(args.ca):
@@ -1884,6 +2190,21 @@ def build_parser():
     p = sub.add_parser("revoke", help="a host can no longer connect or re-enroll")
     p.add_argument("host")
     p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("links", help="the VPN server's links to site hosts, routing and firewall",
+                       description="gre mode: links (gre or vxlan) to the [link:NAME] hosts, policy routing "
+                                   "so VMs reach exactly those hosts, a firewall as second wall. "
+                                   "routed mode: forwarding and the firewall only.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    a = actions.add_parser("up", help="create the links, routes and firewall rules (idempotent)")
+    a.add_argument("--dry-run", action="store_true", help="print the commands, change nothing")
+    actions.add_parser("down", help="remove exactly what 'up' added")
+    actions.add_parser("status", help="each link, its state and whether its peer answers")
+    a = actions.add_parser("peer", help="print the sh script for a linked host's end (| ssh root@HOST sh)")
+    a.add_argument("name", help="the link's name, as in [link:NAME]")
+    a.add_argument("--down", action="store_true", help="the script that removes that end instead")
+    p.set_defaults(func=cmd_links)
 
     p = sub.add_parser("client", help="on a VM: enroll, bring the VPN up, apply the customization")
     p.add_argument("--server", required=True, help="enrollment URL, e.g. https://203.0.113.1:8443")

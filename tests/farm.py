@@ -121,12 +121,12 @@ def wait_for(check, what, timeout=20):
 
 
 
-def write_site(site_dir):
+def write_site(site_dir, conf=SITE_CONF):
     """site.conf, the admin's ssh key and aruba's customization (a file, a script)."""
     files = os.path.join(site_dir, "custom", "aruba", "files", "etc", "dynfarm-test")
     os.makedirs(files)
     with open(os.path.join(site_dir, "site.conf"), "w") as f:
-        f.write(SITE_CONF)
+        f.write(conf)
     with open(os.path.join(files, "greeting"), "w") as f:
         f.write("hello from the site\n")
     os.chmod(os.path.join(files, "greeting"), 0o640)
@@ -137,10 +137,10 @@ def write_site(site_dir):
 
 
 @contextlib.contextmanager
-def running_farm(tmp, vms=VMS):
+def running_farm(tmp, vms=VMS, conf=SITE_CONF):
     """The world up, the site initialised, its VPNs and server running, sshd on every VM."""
     site_dir = os.path.join(tmp, "site")
-    write_site(site_dir)
+    write_site(site_dir, conf)
     world = World(os.path.join(tmp, "world"), vms=len(vms))
     world.up()
     try:

@@ -159,7 +159,7 @@ def test_token_for_unknown_provider_is_a_usage_error(site, capsys):
 # --- addresses ------------------------------------------------------------------
 
 def test_allocate_lowest_free_skipping_server():
-    provider = dynfarm.Provider("p", 1, dynfarm.ipaddress.IPv4Network("10.9.0.0/29"), "udp", [], "", [])
+    provider = dynfarm.Provider("p", 1, dynfarm.ipaddress.IPv4Network("10.9.0.0/29"), "udp", [], "", [], True)
     assert dynfarm.allocate_address(provider, set()) == "10.9.0.2"
     assert dynfarm.allocate_address(provider, {"10.9.0.2", "10.9.0.4"}) == "10.9.0.3"
     with pytest.raises(dynfarm.RequestError, match="no free address left in 10.9.0.0/29") as e:
@@ -488,3 +488,111 @@ def test_bootstrap_cloud_init_carries_the_same_script(site, capsys):
     assert text.startswith("#cloud-config\n")
     encoded = next(line.split(":", 1)[1].strip() for line in text.splitlines() if "content:" in line)
     assert base64.b64decode(encoded).decode().startswith("#!/bin/sh")
+
+
+# --- links: the plan as data ------------------------------------------------------
+
+def gre_config(site):
+    config, _, _ = site
+    config.links["master"].encap = "gre"
+    return config
+
+
+def test_gre_link_plan_commands(site):
+    config = gre_config(site)
+    plan = dynfarm.links_plan(config, {"master": "10.10.0.1"})
+    do = [" ".join(action["do"]) for action in plan]
+    assert do[:6] == [
+        "sysctl -qw net.ipv4.ip_forward=1",
+        "ip link add dl-master type gre local 10.10.0.1 remote 10.10.0.5 ttl 64",
+        "ip addr add 169.254.64.1/30 dev dl-master",
+        "sysctl -qw net.ipv4.conf.dl-master.rp_filter=2",
+        "ip link set dl-master up",
+        "ip route add 10.10.0.5/32 via 169.254.64.2 dev dl-master table 4200",
+    ]
+    assert "ip route add unreachable default table 4200" in do
+    assert "ip rule add iif df-aruba to 10.8.0.0/24 lookup main pref 4199" in do
+    assert "ip rule add iif df-aruba lookup 4200 pref 4200" in do
+    assert "ip rule add iif df-other lookup 4200 pref 4200" in do
+    assert "iptables -w -t filter -A DYNFARM-FWD -i df-+ -o dl-master -d 10.10.0.5 -j ACCEPT" in do
+    assert "iptables -w -t filter -A DYNFARM-FWD -i df-+ -j DROP" in do
+    assert do.index("iptables -w -t filter -I FORWARD 1 -j DYNFARM-FWD") > do.index(
+        "iptables -w -t filter -A DYNFARM-FWD -i df-+ -j DROP")     # the wall is whole before it is used
+    assert any("TCPMSS --clamp-mss-to-pmtu" in line for line in do)
+
+
+def test_vxlan_link_uses_its_own_id_and_port(site):
+    config, _, _ = site
+    plan = dynfarm.links_plan(config, {"master": "10.10.0.1"})
+    assert plan[1]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
+                             "10.10.0.1", "remote", "10.10.0.5", "dstport", "4789"]
+
+
+def test_every_step_that_adds_has_its_undo(site):
+    config = gre_config(site)
+    for action in dynfarm.links_plan(config, {"master": "10.10.0.1"}):
+        verb = action["do"][2] if action["do"][0] == "ip" else action["do"][-1]
+        if action["do"][:3] in (["ip", "addr", "add"], ["ip", "link", "set"]) or "rp_filter" in verb:
+            continue                          # gone with the link device
+        assert action["undo"], action["do"]
+
+
+def test_vm_to_vm_no_drops_the_same_provider_rule(site):
+    config, _, _ = site
+    config.providers["aruba"].vm_to_vm = False
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": "10.10.0.1"})]
+    assert not any("iif df-aruba to 10.8.0.0/24" in line for line in do)
+    assert not any("-i df-aruba -o df-aruba" in line for line in do)
+    assert any("-i df-other -o df-other" in line for line in do)
+
+
+def test_apply_plan_rolls_back_on_failure(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(argv, check=True, **kw):
+        ran.append(argv)
+        if argv == ["boom"]:
+            raise dynfarm.Fatal("boom failed")
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+    monkeypatch.setattr(dynfarm, "run", fake_run)
+    plan = [dynfarm.step(["a"], ["undo-a"]), dynfarm.step(["b"], ["undo-b"]), dynfarm.step(["boom"], ["x"])]
+    record = str(tmp_path / "links.json")
+    with pytest.raises(dynfarm.Fatal):
+        dynfarm.apply_plan(plan, record)
+    assert ran == [["a"], ["b"], ["boom"], ["undo-b"], ["undo-a"]]
+    assert not os.path.exists(record)
+
+
+def test_sysctl_undo_restores_the_previous_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(dynfarm, "run", lambda argv, check=True, **kw: subprocess.CompletedProcess(argv, 0))
+    proc = tmp_path / "ip_forward"
+    proc.write_text("0\n")
+    action = dynfarm.sysctl_step("net.ipv4.ip_forward", 1)
+    action["previous"] = str(proc)
+    done = dynfarm.apply_plan([action], str(tmp_path / "rec.json"))
+    assert done[0]["undo"] == ["sysctl", "-qw", "net.ipv4.ip_forward=0"]
+
+
+def test_peer_script_is_posix_and_idempotent_in_form(site):
+    config = gre_config(site)
+    script = dynfarm.peer_script(config, config.links["master"], "10.10.0.1")
+    for shell in (["dash", "-n"], ["busybox", "sh", "-n"]):
+        assert subprocess.run(shell, input=script, text=True).returncode == 0
+    assert "ip link show dl-dynfarm >/dev/null 2>&1 || ip link add dl-dynfarm type gre local 10.10.0.5 " \
+           "remote 10.10.0.1 ttl 64" in script
+    assert "ip route replace 10.8.0.0/24 via 169.254.64.1 dev dl-dynfarm src 10.10.0.5" in script
+    assert "ip route replace 10.9.0.0/29 via 169.254.64.1 dev dl-dynfarm src 10.10.0.5" in script
+    assert script.rstrip().endswith('main "$@"')
+    down = dynfarm.peer_script(config, config.links["master"], "10.10.0.1", down=True)
+    assert "ip link del dl-dynfarm" in down and "ip link add" not in down
+
+
+def test_routed_mode_only_forwards_and_walls_off_other_providers(site, capsys):
+    config, _, _ = site
+    config.mode = "routed"
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {})]
+    assert not any(line.startswith(("ip link", "ip rule", "ip route")) for line in do)
+    assert "sysctl -qw net.ipv4.ip_forward=1" in do
+    rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
+    assert rules[:4] == ["-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
+                         "-i df-+ -o df-+ -j DROP", "-i df-+ -j ACCEPT"]

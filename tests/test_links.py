@@ -1,0 +1,194 @@
+"""Site links for real: VMs reach the linked master at its own address, and nothing else.
+
+The world of tests/world.py: master (10.10.0.5) is linked, storage (10.10.0.6)
+is not. vm1 and vm2 join provider aruba, vm3 provider other. `links up` runs
+on the VPN server (site), the peer script on master; real TCP both ways,
+10 MB with a checksum, and `links down` must leave routing and firewall
+exactly as they were.
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from farm import SITE_CONF, running_farm
+from world import VM_PYTHON
+
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, tun, iptables")]
+
+MASTER, STORAGE = "10.10.0.5", "10.10.0.6"
+
+# Listen on ADDRESS:PORT, accept one connection, read to EOF; print the peer and
+# the sha256 of what arrived (or time out and exit 1).
+SINK = r"""
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(float(sys.argv[3]))
+print("ready", flush=True)
+conn, peer = s.accept()
+conn.settimeout(30)
+h = hashlib.sha256()
+while True:
+    data = conn.recv(65536)
+    if not data:
+        break
+    h.update(data)
+print(peer[0], h.hexdigest(), flush=True)
+"""
+
+# Connect to HOST:PORT within WAIT seconds, send SIZE random bytes, print their sha256.
+SOURCE = r"""
+import hashlib, os, socket, sys
+host, port, wait, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+data = os.urandom(size)
+s = socket.create_connection((host, port), timeout=wait)
+s.settimeout(60)
+s.sendall(data)
+s.close()
+print(hashlib.sha256(data).hexdigest())
+"""
+
+
+def transfer(farm, sender, receiver, address, size=1000, port=5001, wait=3.0):
+    """Send size bytes from sender to address (listened on in receiver).
+
+    Returns (source address seen, sent hash, received hash), or None if no
+    connection could be made.
+    """
+    world = farm.world
+    argv = world.argv(receiver, [VM_PYTHON, "-c", SINK, address, str(port), str(wait + 2)])
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as sink:
+        assert sink.stdout.readline().strip() == "ready"
+        sent = world.run(sender, [VM_PYTHON, "-c", SOURCE, address, str(port), str(wait), str(size)],
+                         check=False, timeout=120)
+        received = sink.stdout.readline().split()
+        sink.wait(timeout=60)
+    if sent.returncode != 0 or not received:
+        return None
+    return received[0], sent.stdout.strip(), received[1]
+
+
+def routing_state(farm):
+    """What 'links up' may change and 'links down' must restore, counters stripped."""
+    def run(argv):
+        return farm.world.run("site", argv).stdout
+    return {
+        "rules": run(["ip", "rule"]),
+        "routes": run(["ip", "route", "show", "table", "all"]),
+        "iptables": iptables_rules(run(["iptables-save"])),
+        "forward": run(["sysctl", "-n", "net.ipv4.ip_forward"]),
+        "links": run(["ip", "-o", "link", "show"]).count("dl-"),
+    }
+
+
+def iptables_rules(saved):
+    """iptables-save without comments and counters, and without tables that hold
+    nothing but empty built-in chains with policy ACCEPT: iptables-nft makes
+    such a table the first time a rule goes in, and it filters nothing."""
+    tables = re.split(r"(?m)^(?=\*)", re.sub(r"(?m)^#.*\n", "", saved))
+    kept = []
+    for table in tables:
+        lines = table.splitlines()
+        empty = all(line.startswith("*") or line == "COMMIT" or re.fullmatch(r":\S+ ACCEPT \[\d+:\d+\]", line)
+                    for line in lines)
+        if table.strip() and not empty:
+            kept.append(re.sub(r"\[\d+:\d+\]", "", table))
+    return "".join(kept)
+
+
+def enroll(farm, vm, provider):
+    script = farm.dynfarm("bootstrap", provider).stdout
+    farm.world.run(vm, ["sh", "-s"], input=script, timeout=90)
+    return farm.host_of(vm)[1]
+
+
+def gre_missing():
+    """The kernel's own words if it cannot make a GRE device, else None."""
+    probe = subprocess.run(["unshare", "--net", "ip", "link", "add", "gretest", "type", "gre",
+                            "local", "192.0.2.1", "remote", "192.0.2.2"], capture_output=True, text=True)
+    return probe.stderr.strip() if probe.returncode != 0 else None
+
+
+@pytest.fixture(scope="module", params=["vxlan", "gre"])
+def linked(request, tmp_path_factory):
+    """A farm whose master link uses the given encapsulation, VMs enrolled, links up."""
+    if request.param == "gre" and gre_missing():
+        pytest.skip(f"this kernel cannot make GRE links: {gre_missing()}")
+    conf = SITE_CONF.replace("encap = vxlan", f"encap = {request.param}")
+    with running_farm(str(tmp_path_factory.mktemp(request.param)), conf=conf) as farm:
+        addresses = {vm: enroll(farm, vm, provider) for vm, provider in
+                     (("vm1", "aruba"), ("vm2", "aruba"), ("vm3", "other"))}
+        before = routing_state(farm)
+        up = farm.dynfarm("links", "up").stdout
+        assert "links up (gre mode)" in up
+        peer = farm.dynfarm("links", "peer", "master").stdout
+        farm.world.run("master", ["sh", "-s"], input=peer)
+        yield farm, addresses, before
+
+
+def test_vm_reaches_the_master_at_its_own_address(linked):
+    farm, addresses, _ = linked
+    seen, sent, received = transfer(farm, "vm1", "master", MASTER)
+    assert seen == addresses["vm1"]          # no NAT on the way: the master sees the VM
+    assert sent == received
+
+
+def test_vm_does_not_reach_the_storage_host(linked):
+    farm, _, _ = linked
+    assert transfer(farm, "storage", "storage", STORAGE) is not None   # it does listen
+    assert transfer(farm, "vm1", "storage", STORAGE, port=5002) is None
+
+
+def test_master_reaches_the_vm(linked):
+    farm, addresses, _ = linked
+    seen, sent, received = transfer(farm, "master", "vm1", addresses["vm1"], port=5003)
+    assert seen == MASTER and sent == received
+
+
+def test_ten_megabytes_arrive_intact(linked):
+    farm, _, _ = linked
+    seen, sent, received = transfer(farm, "vm2", "master", MASTER, size=10 * 1024 * 1024, port=5004, wait=10)
+    assert sent == received
+
+
+def test_vms_of_one_provider_see_each_other_but_not_another_provider(linked):
+    farm, addresses, _ = linked
+    assert transfer(farm, "vm2", "vm1", addresses["vm1"], port=5005) is not None
+    assert transfer(farm, "vm3", "vm1", addresses["vm1"], port=5006) is None
+    assert transfer(farm, "vm1", "vm3", addresses["vm3"], port=5007) is None
+
+
+def test_status_shows_the_link_and_its_peer(linked):
+    farm, _, _ = linked
+    out = farm.dynfarm("links", "status").stdout
+    assert "links up" in out
+    row = next(line for line in out.splitlines() if line.startswith("master"))
+    assert row.split()[3:] == ["dl-master", "up", "answers"]
+
+
+def test_second_up_changes_nothing(linked):
+    farm, _, _ = linked
+    before = routing_state(farm)
+    assert "already up" in farm.dynfarm("links", "up").stdout
+    assert routing_state(farm) == before
+
+
+def test_down_restores_routing_and_firewall_exactly(linked):
+    farm, addresses, before = linked
+    assert "links down" in farm.dynfarm("links", "down").stdout
+    assert routing_state(farm) == before
+    assert transfer(farm, "vm1", "master", MASTER, port=5008) is None
+    assert "not up" in farm.dynfarm("links", "down").stdout
+
+
+def test_peer_down_script_removes_the_peer_end(linked):
+    farm, _, _ = linked
+    farm.world.run("master", ["sh", "-s"], input=farm.dynfarm("links", "peer", "master", "--down").stdout)
+    assert "dl-dynfarm" not in farm.world.run("master", ["ip", "-o", "link"]).stdout
+    assert "10.8.0.0/24" not in farm.world.run("master", ["ip", "route"]).stdout
