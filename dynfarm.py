@@ -41,12 +41,15 @@ import hashlib
 import hmac
 import http.server
 import ipaddress
+import itertools
 import json
 import os
 import platform
 import re
 import secrets
+import selectors
 import shlex
+import signal
 import socket
 import sqlite3
 import ssl
@@ -840,6 +843,11 @@ def openvpn_client_config(config, provider, certificate):
         f"verify-x509-name {SERVER_CN} name",
         # Split tunnel, whatever the server pushes: the VM keeps its own default route.
         'pull-filter ignore "redirect-gateway"',
+    ] + ([
+        # Over UDP the server would notice a client gone only at its ping
+        # timeout; tell it on exit, so 'list' and 'run' see it at once.
+        "explicit-exit-notify 1",
+    ] if provider.vpn_proto == "udp" else []) + [
         "tls-version-min 1.2",
         "persist-key",
         "persist-tun",
@@ -1828,6 +1836,175 @@ def machine_facts():
 
 
 # === remote_control ===
+#
+# The admin's hands on the VMs: select hosts from the database (by provider,
+# host set, connected state), then ssh or scp to each over the VPN with a
+# bounded fan-out, checking the host keys the VMs sent at enrollment.
+
+# --- host sets: the clush / pdsh vocabulary (-w, -x, -b) ---
+#
+# Padding follows ClusterShell: in a range element LO-HI, a lower bound with a
+# leading zero sets the width every number is zero-filled to; admins paste
+# clush ranges, so the same text must mean the same hosts.
+
+MAX_HOSTS = 100000      # a typo like [0-999999999] must fail, not eat the memory
+HOST_RANGE_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+LAST_NUMBER_RE = re.compile(r"([0-9]+)([^0-9]*)$")
+
+
+def expand_hosts(text):
+    """Names of a host set, in the order written, each once.
+
+    Items are separated by commas outside brackets; an item may hold several
+    bracket groups of numbers and ranges (`r[1-2]n[01-02]`). `*` and `?` are kept
+    as they are: match_hosts gives them a meaning. Raises ValueError naming the bad part.
+    """
+    names, total = [], 0
+    for item in _split_items(text):
+        if not item:
+            raise ValueError(f"empty item in host set {text!r}")
+        if any(ch.isspace() for ch in item):
+            raise ValueError(f"whitespace inside host item {item!r}")
+        parts = re.split(r"\[([^\]]*)\]", item)     # literal, range, literal, range, ...
+        ranges = [_parse_ranges(body, item) for body in parts[1::2]]
+        count = 1
+        for numbers in ranges:
+            count *= sum(hi - lo + 1 for lo, hi, _ in numbers)
+        total += count
+        if total > MAX_HOSTS:   # checked before anything is generated
+            raise ValueError(f"host set expands to more than {MAX_HOSTS} names at {item!r}")
+        choices = [[part] for part in parts]
+        choices[1::2] = [["%0*d" % (pad, n) for lo, hi, pad in numbers for n in range(lo, hi + 1)]
+                         for numbers in ranges]
+        names.extend("".join(combo) for combo in itertools.product(*choices))
+    return list(dict.fromkeys(names))
+
+
+def _split_items(text):
+    """Top-level comma-separated items, stripped; brackets checked for balance here."""
+    items, start, opened = [], 0, None
+    for i, ch in enumerate(text):
+        if ch == "[":
+            if opened is not None:
+                raise ValueError(f"'[' inside brackets in host set at {text[opened:i + 1]!r}")
+            opened = i
+        elif ch == "]":
+            if opened is None:
+                raise ValueError(f"']' without '[' in host item {text[start:i + 1].strip()!r}")
+            opened = None
+        elif ch == "," and opened is None:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if opened is not None:
+        raise ValueError(f"'[' never closed in host set at {text[opened:]!r}")
+    return items + [text[start:].strip()]
+
+
+def _parse_ranges(body, item):
+    """[(low, high, pad), ...] from the inside of one bracket group, checked."""
+    ranges = []
+    for element in body.split(","):
+        m = HOST_RANGE_RE.match(element)
+        if not m:
+            what = "empty range" if not element else f"range {element!r} is not N or N-M"
+            raise ValueError(f"{what} in host item {item!r}")
+        low, high = m.group(1), m.group(2) or m.group(1)
+        if int(low) > int(high):
+            raise ValueError(f"reversed range {element!r} in host item {item!r}")
+        # ClusterShell pads only when LO has a leading zero; every number >= LO has at
+        # least len(LO) digits anyway, so zero-filling to len(LO) is the same rule.
+        ranges.append((int(low), int(high), len(low)))
+    return ranges
+
+
+def match_hosts(text, known):
+    """(known names the patterns select, in known's order; items that selected nothing).
+
+    Each expanded item is a name, or a pattern with `*` (any run) and `?` (any one
+    character). Not fnmatch: its [...] classes would clash with ranges. The CLI can
+    warn with fold_hosts(unmatched), which folds the misses back into ranges.
+    """
+    known = list(dict.fromkeys(known))
+    exact, chosen, unmatched = set(known), set(), []
+    for item in expand_hosts(text):
+        if "*" in item or "?" in item:
+            pattern = re.compile(re.escape(item).replace(r"\*", ".*").replace(r"\?", "."))
+            hits = {name for name in known if pattern.fullmatch(name)}
+        else:
+            hits = {item} & exact
+        if not hits:
+            unmatched.append(item)
+        chosen |= hits
+    return [name for name in known if name in chosen], unmatched
+
+
+def host_sort_key(name):
+    """Order names as people count them: n2 before n10, then by padding and suffix."""
+    prefix, digits, suffix = _split_last_number(name)
+    return prefix, int(digits) if digits else -1, len(digits), suffix
+
+
+def _split_last_number(name):
+    """(prefix, digits, suffix) around the last run of digits; digits is '' if none."""
+    m = LAST_NUMBER_RE.search(name)
+    if not m:
+        return name, "", ""
+    return name[:m.start()], m.group(1), m.group(2)
+
+
+def fold_hosts(names):
+    """The clush text for a set of names: expand_hosts gives the same set back.
+
+    Names are grouped by prefix, suffix and padding around their last number.
+    A zero-padded number (`0007`) fixes its group's width; an unpadded one joins
+    the widest padded group it fits (`1000` joins `0999`: 1000 is what %04d
+    writes), else the unpadded group. So `n1` and `n01` never merge, and the
+    groups are sorted by prefix, first number, width, suffix.
+    """
+    names = set(names)
+    widths, groups, items = {}, {}, []
+    for name in names:
+        prefix, digits, suffix = _split_last_number(name)
+        if len(digits) > 1 and digits.startswith("0"):
+            widths.setdefault((prefix, suffix), set()).add(len(digits))
+    for name in names:
+        prefix, digits, suffix = _split_last_number(name)
+        if not digits:
+            items.append((name, -1, 0, "", name))
+            continue
+        pad = max((w for w in widths.get((prefix, suffix), ()) if w <= len(digits)), default=0)
+        groups.setdefault((prefix, pad, suffix), []).append(int(digits))
+    for (prefix, pad, suffix), numbers in groups.items():
+        numbers.sort()
+        items.append((prefix, numbers[0], pad, suffix, prefix + _fold_numbers(numbers, pad) + suffix))
+    return ",".join(item[-1] for item in sorted(items))
+
+
+def _fold_numbers(numbers, pad):
+    """Sorted numbers as `7` or `[1-3,7]`, consecutive runs merged, zero-filled to pad."""
+    runs = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    parts = ["%0*d" % (pad, lo) if lo == hi else "%0*d-%0*d" % (pad, lo, pad, hi) for lo, hi in runs]
+    return parts[0] if len(numbers) == 1 else "[" + ",".join(parts) + "]"
+
+
+def gather_outputs(outputs):
+    """What `-b` prints: [(folded hosts, output)], each distinct output once.
+
+    Groups come in the order of their first host by host_sort_key. Outputs are
+    compared as given, so b"ok" and "ok" are two outputs: decode them all or none.
+    """
+    groups = {}
+    for host in sorted(outputs, key=host_sort_key):
+        groups.setdefault(outputs[host], []).append(host)
+    return [(fold_hosts(hosts), output) for output, hosts in groups.items()]
+
+
+# --- selection ---
 
 def host_rows(config, store, providers):
     """Hosts joined with their provider's live OpenVPN status."""
@@ -1851,7 +2028,28 @@ def host_rows(config, store, providers):
             "last_seen": host["last_seen"],
             "client_version": (host["client_version"] or "")[:12],
             "facts": json.loads(host["facts"]),
+            "host_keys": json.loads(host["host_keys"]),
         })
+    return rows
+
+
+def select_hosts(config, store, args):
+    """The rows chosen by -p, -w, -x (and, for actions, connected unless --all)."""
+    providers = set(args.provider or [])
+    for name in providers:
+        config.provider(name)
+    rows = host_rows(config, store, providers)
+    try:
+        if args.hosts:
+            chosen, unmatched = match_hosts(args.hosts, [r["name"] for r in rows])
+            if unmatched:
+                sys.stderr.write(f"dynfarm: no such host: {fold_hosts(unmatched)}\n")
+            rows = [r for r in rows if r["name"] in set(chosen)]
+        if args.exclude:
+            excluded = set(match_hosts(args.exclude, [r["name"] for r in rows])[0])
+            rows = [r for r in rows if r["name"] not in excluded]
+    except ValueError as e:
+        raise Fatal(f"bad host set: {e}", code=2)
     return rows
 
 
@@ -1862,6 +2060,17 @@ def format_table(rows, columns):
     return "\n".join(lines)
 
 
+def ago(stamp, now=None):
+    """'42s ago', '5m ago', '3h ago', '2d ago' or '-'."""
+    if not stamp:
+        return "-"
+    seconds = max(0, int((now or time.time()) - stamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
 def known_hosts(store, providers=None):
     """known_hosts lines from the host keys the VMs sent at enrollment."""
     lines = []
@@ -1869,6 +2078,183 @@ def known_hosts(store, providers=None):
         for key in json.loads(host["host_keys"]):
             lines.append(f"{host['address']} {key}")
     return "".join(line + "\n" for line in lines)
+
+
+# --- ssh, scp and the fan-out ---
+
+SSH_STATUSES = ("ok", "failed", "unreachable", "timeout", "hostkey", "interrupted")
+
+
+def ssh_options(config, args, known_hosts_path):
+    """Options shared by ssh and scp: never a prompt, never trust on first use."""
+    options = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+               "-o", f"UserKnownHostsFile={known_hosts_path}", "-o", "GlobalKnownHostsFile=/dev/null",
+               "-o", f"ConnectTimeout={args.connect_timeout:g}", "-o", "ServerAliveInterval=15",
+               "-o", "LogLevel=ERROR", "-o", "User=root"]
+    if config.ssh_identity:
+        options += ["-i", config.ssh_identity, "-o", "IdentitiesOnly=yes"]
+    if args.reuse:
+        # One master connection per host, kept 10 minutes: a series of
+        # commands pays the key exchange once.
+        options += ["-o", "ControlMaster=auto", "-o", f"ControlPath={config.state('run', 'cm-%C')}",
+                    "-o", "ControlPersist=600"]
+    return options
+
+
+@dataclasses.dataclass
+class Job:
+    host: str
+    argv: list
+    started: float = 0.0
+    proc: subprocess.Popen = None
+    out: bytearray = dataclasses.field(default_factory=bytearray)
+    err: bytearray = dataclasses.field(default_factory=bytearray)
+    partial: dict = dataclasses.field(default_factory=dict)
+    status: str = ""
+    rc: int = None
+    seconds: float = 0.0
+
+
+class FanOut:
+    """Run one command per host, at most `fanout` at once, each under a deadline.
+
+    Lines are handed to on_line(host, stream, text) as they arrive; each host
+    ends as ok, failed, unreachable, hostkey (refused: the key is not the one
+    it enrolled with) or timeout.
+    """
+
+    KEEP = 1 << 20   # bytes of output kept per host and stream for -b and --json
+
+    def __init__(self, jobs, fanout, timeout, on_line=None, progress=False):
+        self.waiting = list(jobs)
+        self.jobs = list(jobs)
+        self.fanout = fanout
+        self.timeout = timeout
+        self.on_line = on_line
+        self.progress = progress
+        self.running = {}
+        self.selector = selectors.DefaultSelector()
+        self.finished = 0
+
+    def run(self):
+        began = time.monotonic()
+        try:
+            while self.waiting or self.running:
+                while self.waiting and len(self.running) < self.fanout:
+                    self.start(self.waiting.pop(0))
+                self.pump(0.2)
+                self.expire()
+                if self.progress and time.monotonic() - began > 1:
+                    self.show_progress()
+        finally:
+            self.stop_all()
+            if self.progress and time.monotonic() - began > 1:
+                sys.stderr.write("\r\033[K")
+        return self.jobs
+
+    def start(self, job):
+        job.started = time.monotonic()
+        try:
+            # Own session: a Ctrl-C reaches us, and we end the children ourselves.
+            job.proc = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as e:
+            job.status, job.err = "failed", bytearray(f"{job.argv[0]}: {e.strerror}\n".encode())
+            self.finished += 1
+            return
+        self.running[job.proc.pid] = job
+        for stream, pipe in (("out", job.proc.stdout), ("err", job.proc.stderr)):
+            os.set_blocking(pipe.fileno(), False)
+            self.selector.register(pipe, selectors.EVENT_READ, (job, stream))
+
+    def pump(self, wait):
+        for key, _ in self.selector.select(wait):
+            job, stream = key.data
+            data = os.read(key.fd, 65536)
+            if data:
+                self.take(job, stream, data)
+                continue
+            self.selector.unregister(key.fileobj)
+            key.fileobj.close()
+            self.flush(job, stream)
+            if job.proc.stdout.closed and job.proc.stderr.closed:
+                self.end(job, job.proc.wait())
+
+    def take(self, job, stream, data):
+        kept = getattr(job, stream)
+        kept += data[:max(0, self.KEEP - len(kept))]
+        if self.on_line:
+            lines = (job.partial.get(stream, b"") + data).split(b"\n")
+            job.partial[stream] = lines.pop()
+            for line in lines:
+                self.on_line(job.host, stream, line.decode(errors="replace"))
+
+    def flush(self, job, stream):
+        rest = job.partial.pop(stream, b"")
+        if rest and self.on_line:
+            self.on_line(job.host, stream, rest.decode(errors="replace"))
+
+    def end(self, job, rc):
+        del self.running[job.proc.pid]
+        job.seconds = time.monotonic() - job.started
+        if job.status != "timeout":
+            job.rc = rc
+            job.status = classify(rc, bytes(job.err))
+        self.finished += 1
+
+    def expire(self):
+        if not self.timeout:
+            return
+        now = time.monotonic()
+        for job in list(self.running.values()):
+            if job.status != "timeout" and now - job.started > self.timeout:
+                job.status = "timeout"
+                kill_group(job.proc)
+
+    def stop_all(self):
+        for job in list(self.running.values()):
+            kill_group(job.proc)
+            job.proc.wait()
+            for pipe in (job.proc.stdout, job.proc.stderr):
+                if not pipe.closed:
+                    self.selector.unregister(pipe)
+                    pipe.close()
+            del self.running[job.proc.pid]
+        self.selector.close()
+
+    def show_progress(self):
+        failed = sum(1 for j in self.jobs if j.status and j.status != "ok")
+        sys.stderr.write(f"\r\033[K{self.finished}/{len(self.jobs)} done, {failed} failed")
+        sys.stderr.flush()
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def classify(rc, stderr):
+    """ssh's exit 255 is its own failure: a refused host key, or no connection."""
+    if rc == 0:
+        return "ok"
+    if rc == 255:
+        if b"Host key verification failed" in stderr or b"HOST IDENTIFICATION HAS CHANGED" in stderr:
+            return "hostkey"
+        return "unreachable"
+    return "failed"
+
+
+def summary_line(jobs):
+    """'3 ok, 1 failed, 0 unreachable, 0 timed out' (+ refused host keys, interrupted)."""
+    counts = {status: 0 for status in SSH_STATUSES}
+    for job in jobs:
+        counts[job.status] += 1
+    words = {"ok": "ok", "failed": "failed", "unreachable": "unreachable", "timeout": "timed out",
+             "hostkey": "host key refused", "interrupted": "interrupted"}
+    always = ("ok", "failed", "unreachable", "timeout")
+    return ", ".join(f"{counts[s]} {words[s]}" for s in SSH_STATUSES if counts[s] or s in always)
 
 
 # === CLI ===
@@ -2147,17 +2533,94 @@ def cmd_client(args, config):
 
 
 def cmd_list(args, config):
-    providers = set(args.provider or [])
-    for name in providers:
-        config.provider(name)
-    rows = host_rows(config, open_store(config), providers)
+    rows = select_hosts(config, open_store(config), args)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif rows:
-        print(format_table(rows, ["name", "provider", "address", "state"]))
+        for row in rows:
+            row["last seen"] = ago(row["last_seen"])
+            row["version"] = row["client_version"] or "-"
+            row["cores"] = row["facts"].get("cores", "-")
+            row["memory"] = f"{row['facts']['memory_mb'] // 1024} GiB" if "memory_mb" in row["facts"] else "-"
+        print(format_table(rows, ["name", "provider", "address", "state", "last seen", "version", "cores",
+                                  "memory"]))
     else:
-        sys.stderr.write("no hosts enrolled" + (f" for {', '.join(sorted(providers))}" if providers else "") + "\n")
+        sys.stderr.write("no hosts enrolled match\n")
     return 0
+
+
+def cmd_run(args, config):
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise Fatal("run: no command given (remote_control run -- CMD)", code=2)
+    text = " ".join(command)
+    return remote_action(config, args, lambda row, opts: ["ssh"] + opts + [row["address"], text])
+
+
+def cmd_put(args, config):
+    for source in args.sources:
+        if not os.path.exists(source):
+            raise Fatal(f"put: {source}: no such file or directory", code=2)
+    return remote_action(config, args, lambda row, opts: ["scp", "-q", "-r", "-p"] + opts + args.sources
+                         + [f"{row['address']}:{args.destination}"])
+
+
+def cmd_get(args, config):
+    def argv(row, opts):
+        target = os.path.join(args.directory, row["name"])
+        os.makedirs(target, exist_ok=True)
+        return ["scp", "-q", "-r", "-p"] + opts + [f"{row['address']}:{args.source}", target + "/"]
+    return remote_action(config, args, argv)
+
+
+def remote_action(config, args, make_argv):
+    """Select, fan out, report: the part run, put and get share."""
+    store = open_store(config)
+    rows = [r for r in select_hosts(config, store, args) if r["state"] != "revoked"]
+    if not args.all:
+        rows = [r for r in rows if r["state"] == "connected"]
+    if not rows:
+        raise Fatal("no connected host selected (see 'remote_control list'; --all tries the others too)")
+    path = config.state("run", "known_hosts")
+    write_file(path, "".join(f"{r['address']} {key}\n" for r in rows for key in r["host_keys"]), 0o600)
+    options = ssh_options(config, args, path)
+    jobs = [Job(r["name"], make_argv(r, options)) for r in rows]
+    gathered = getattr(args, "gather", False) or getattr(args, "json", False)
+    fan = FanOut(jobs, args.fanout, args.timeout,
+                 on_line=None if gathered else print_line,
+                 progress=sys.stderr.isatty() and not getattr(args, "json", False))
+    try:
+        fan.run()
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.status = job.status or "interrupted"
+        sys.stderr.write(f"\ninterrupted: {summary_line(jobs)}\n")
+        return 130
+    report_jobs(jobs, args)
+    return 0 if all(job.status == "ok" for job in jobs) else 1
+
+
+def print_line(host, stream, text):
+    print(f"{host}: {text}", file=sys.stdout if stream == "out" else sys.stderr, flush=True)
+
+
+def report_jobs(jobs, args):
+    if getattr(args, "json", False):
+        print(json.dumps([{"host": j.host, "status": j.status, "exit_code": j.rc,
+                           "stdout": j.out.decode(errors="replace"), "stderr": j.err.decode(errors="replace"),
+                           "seconds": round(j.seconds, 3)} for j in jobs], indent=1))
+    elif getattr(args, "gather", False):
+        outputs = {j.host: j.out.decode(errors="replace") for j in jobs if j.status in ("ok", "failed")}
+        for hosts, output in gather_outputs(outputs):
+            print(f"---------------\n{hosts} ({len(expand_hosts(hosts))})\n---------------")
+            print(output, end="" if output.endswith("\n") or not output else "\n")
+    for job in jobs:
+        if job.status != "ok":
+            why = job.err.decode(errors="replace").strip().splitlines()
+            detail = {"failed": f"exit {job.rc}", "timeout": "command timed out, killed"}.get(job.status, job.status)
+            sys.stderr.write(f"{job.host}: {detail}" + (f" ({why[-1]})" if why and job.status != "failed" else "")
+                             + "\n")
+    sys.stderr.write(summary_line(jobs) + "\n")
 
 
 def build_parser():
@@ -2216,15 +2679,41 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server and the tunnel")
     p.set_defaults(func=cmd_client, needs_config=False)
 
-    p = sub.add_parser("remote_control", help="the admin's view of the VMs (list)",
-                       description="Act on the enrolled VMs. Also runs as 'remote_control' (a symlink).")
+    p = sub.add_parser(
+        "remote_control", help="the admin's hands on the VMs: list, run, put, get",
+        description="Act on the enrolled VMs over the VPN (ssh, host keys from enrollment, never a prompt). "
+                    "Also runs as 'remote_control' (a symlink to dynfarm.py).",
+        epilog="Host sets: -w 'aruba-[0001-0040,0100]', globs 'aruba-00*'. Actions reach connected hosts "
+               "only unless --all. Exit: 0 all ok, 1 some host failed, was unreachable or timed out, "
+               "2 usage, 130 interrupted.")
     p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="site configuration")
     p.add_argument("-p", "--provider", action="append", help="only this provider (repeatable)")
+    p.add_argument("-w", dest="hosts", metavar="HOSTS", help="only these hosts (ranges, globs, commas)")
+    p.add_argument("-x", dest="exclude", metavar="HOSTS", help="not these hosts")
+    p.add_argument("--all", action="store_true", help="also try hosts the VPN does not show connected")
+    p.add_argument("-f", "--fanout", type=int, default=64, help="hosts at once (default 64)")
+    p.add_argument("-t", "--connect-timeout", type=float, default=10, help="ssh connect timeout, s (default 10)")
+    p.add_argument("-u", "--timeout", type=float, default=0, help="command timeout per host, s (default none)")
+    p.add_argument("--reuse", action="store_true", help="keep ssh connections open for later runs "
+                                                        "(ControlMaster, 10 minutes)")
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
-    v = verbs.add_parser("list", help="hosts: name, provider, VPN address, connected or not")
+    v = verbs.add_parser("list", help="hosts: name, provider, address, connected or not, last seen, version")
     v.add_argument("--json", action="store_true", help="machine-readable output with all recorded fields")
     v.set_defaults(func=cmd_list)
+    v = verbs.add_parser("run", help="run a command on every selected host: run -- CMD")
+    v.add_argument("-b", dest="gather", action="store_true", help="gather identical outputs under host sets")
+    v.add_argument("--json", action="store_true", help="per host: status, exit code, stdout, stderr, time")
+    v.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
+    v.set_defaults(func=cmd_run)
+    v = verbs.add_parser("put", help="copy files or directories to every selected host (modes kept)")
+    v.add_argument("sources", nargs="+", metavar="SRC")
+    v.add_argument("destination", metavar="DST")
+    v.set_defaults(func=cmd_put)
+    v = verbs.add_parser("get", help="copy SRC from every selected host into DIR/HOST/")
+    v.add_argument("source", metavar="SRC")
+    v.add_argument("directory", metavar="DIR")
+    v.set_defaults(func=cmd_get)
     return parser
 
 

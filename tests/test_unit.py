@@ -450,8 +450,9 @@ def test_list_and_known_hosts(app, make_csr, capsys):
         call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
     assert dynfarm.main(["-c", app.config.path, "remote_control", "-p", "aruba", "list"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["NAME", "PROVIDER", "ADDRESS", "STATE"]
-    assert table[1].split() == ["aruba-0001", "aruba", "10.8.0.2", "vpn-down"]
+    assert table[0].split() == ["NAME", "PROVIDER", "ADDRESS", "STATE", "LAST", "SEEN", "VERSION", "CORES", "MEMORY"]
+    assert table[1].split()[:7] == ["aruba-0001", "aruba", "10.8.0.2", "vpn-down", "0s", "ago", VERSION[:12]]
+    assert table[1].split()[7] == "2"
     assert dynfarm.main(["-c", app.config.path, "remote_control", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["aruba-0001", "aruba-0002"]
