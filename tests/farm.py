@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import dynfarm  # noqa: E402
-from world import World  # noqa: E402
+from world import VM_PYTHON, World  # noqa: E402
 
 DYNFARM = os.path.join(REPO, "dynfarm.py")
 VMS = ("vm1", "vm2", "vm3")
@@ -155,3 +155,56 @@ def running_farm(tmp, vms=VMS, conf=SITE_CONF):
         yield farm
     finally:
         world.down()
+
+
+# Listen on ADDRESS:PORT, accept one connection, read to EOF; print the peer and
+# the sha256 of what arrived (or time out and exit 1).
+SINK = r"""
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(float(sys.argv[3]))
+print("ready", flush=True)
+conn, peer = s.accept()
+conn.settimeout(30)
+h = hashlib.sha256()
+while True:
+    data = conn.recv(65536)
+    if not data:
+        break
+    h.update(data)
+print(peer[0], h.hexdigest(), flush=True)
+"""
+
+# Connect to HOST:PORT within WAIT seconds, send SIZE random bytes, print their sha256.
+SOURCE = r"""
+import hashlib, os, socket, sys
+host, port, wait, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+data = os.urandom(size)
+s = socket.create_connection((host, port), timeout=wait)
+s.settimeout(60)
+s.sendall(data)
+s.close()
+print(hashlib.sha256(data).hexdigest())
+"""
+
+
+def transfer(farm, sender, receiver, address, size=1000, port=5001, wait=3.0):
+    """Send size bytes from sender to address (listened on in receiver).
+
+    Returns (source address seen, sent hash, received hash), or None if no
+    connection could be made.
+    """
+    world = farm.world
+    argv = world.argv(receiver, [VM_PYTHON, "-c", SINK, address, str(port), str(wait + 2)])
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as sink:
+        assert sink.stdout.readline().strip() == "ready"
+        sent = world.run(sender, [VM_PYTHON, "-c", SOURCE, address, str(port), str(wait), str(size)],
+                         check=False, timeout=120)
+        received = sink.stdout.readline().split()
+        sink.wait(timeout=60)
+    if sent.returncode != 0 or not received:
+        return None
+    return received[0], sent.stdout.strip(), received[1]

@@ -597,3 +597,16 @@ def test_routed_mode_only_forwards_and_walls_off_other_providers(site, capsys):
     rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
     assert rules[:4] == ["-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
                          "-i df-+ -o df-+ -j DROP", "-i df-+ -j ACCEPT"]
+
+
+def test_site_conf_example_is_valid(tmp_path):
+    """The documented example must load once its customization tree exists."""
+    repo = os.path.dirname(os.path.abspath(dynfarm.__file__))
+    with open(os.path.join(repo, "site.conf.example")) as f:
+        text = f.read()
+    (tmp_path / "custom" / "aruba" / "files").mkdir(parents=True)
+    (tmp_path / "custom" / "aruba" / "setup.sh").write_text("true\n")
+    (tmp_path / "site.conf").write_text(text)
+    config = dynfarm.load_config(str(tmp_path / "site.conf"))
+    assert config.links["batch-master"].device == "dl-batch-master"
+    assert config.providers["aruba"].vm_to_vm is True
