@@ -37,6 +37,7 @@ import base64
 import configparser
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import http.server
@@ -164,6 +165,7 @@ SITE_KEYS = {
     "ssh_keys": None,
     "ssh_identity": "",
     "mode": "gre",
+    "bridge": "",
     "request_timeout": "10",
 }
 PROVIDER_KEYS = {
@@ -174,6 +176,7 @@ PROVIDER_KEYS = {
     "files": "",
     "commands": "",
     "vm_to_vm": "yes",
+    "bridge_pool": "",
 }
 LINK_KEYS = {"address": None, "encap": "gre"}
 MODES = ("gre", "routed", "bridged")
@@ -190,6 +193,7 @@ class Provider:
     files: str       # absolute path of the tree copied onto the VM, or ""
     commands: list   # absolute paths of scripts run on the VM, in order
     vm_to_vm: bool   # may this provider's VMs reach each other
+    bridge_pool: tuple = None   # bridged mode: (first, last) LAN addresses, as ints
 
     @property
     def server_address(self):
@@ -222,6 +226,7 @@ class Config:
     ssh_keys: list
     ssh_identity: str
     mode: str
+    bridge: str
     request_timeout: float
     providers: dict
     links: dict
@@ -272,6 +277,8 @@ def load_config(path):
     host, port = parse_listen(site["listen"], path)
     if site["mode"] not in MODES:
         raise ConfigError(f"{path}: [site] mode = {site['mode']}: expected one of {', '.join(MODES)}")
+    if site["mode"] == "bridged":
+        check_bridged(site, providers, path)
     return Config(
         path=path,
         state_dir=os.path.join(base, site["state_dir"]),
@@ -281,6 +288,7 @@ def load_config(path):
         ssh_keys=[os.path.join(base, p) for p in site["ssh_keys"].split()],
         ssh_identity=os.path.join(base, site["ssh_identity"]) if site["ssh_identity"] else "",
         mode=site["mode"],
+        bridge=site["bridge"],
         request_timeout=parse_number(site["request_timeout"], "[site] request_timeout", path),
         providers=providers,
         links=links,
@@ -345,7 +353,32 @@ def parse_provider(name, values, base, path):
             raise ConfigError(f"{where} commands: {command}: no such file")
     if values["vm_to_vm"] not in ("yes", "no"):
         raise ConfigError(f"{where} vm_to_vm = {values['vm_to_vm']}: expected yes or no")
-    return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands, values["vm_to_vm"] == "yes")
+    return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands, values["vm_to_vm"] == "yes",
+                    parse_pool(values["bridge_pool"], where) if values["bridge_pool"] else None)
+
+
+def parse_pool(text, where):
+    """'10.10.0.100-10.10.0.149' -> (first, last) as ints."""
+    try:
+        first, last = (int(ipaddress.IPv4Address(a.strip())) for a in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"{where} bridge_pool = {text}: expected FIRST-LAST, e.g. 10.10.0.100-10.10.0.149")
+    if first > last:
+        raise ConfigError(f"{where} bridge_pool = {text}: the first address is after the last")
+    return first, last
+
+
+def check_bridged(site, providers, path):
+    if not site["bridge"]:
+        raise ConfigError(f"{path}: mode = bridged needs [site] bridge = the LAN bridge of the VPN server")
+    seen = []
+    for p in providers.values():
+        if p.bridge_pool is None:
+            raise ConfigError(f"{path}: mode = bridged needs bridge_pool in [provider:{p.name}]")
+        for other in seen:
+            if p.bridge_pool[0] <= other.bridge_pool[1] and other.bridge_pool[0] <= p.bridge_pool[1]:
+                raise ConfigError(f"{path}: bridge_pool of '{p.name}' overlaps that of '{other.name}'")
+        seen.append(p)
 
 
 def customization_path(relative, base, where, key):
@@ -600,14 +633,45 @@ def check_token(store, token, now=None):
 
 # === Addresses and names ===
 
-def allocate_address(provider, used):
-    """The lowest free address of the provider's subnet (the first is the VPN server's)."""
+@dataclasses.dataclass
+class Segment:
+    """Where a provider's VMs live: their address range, netmask, and the
+    VPN server's address there (their gateway and tunnel probe target)."""
+    first: int
+    last: int
+    netmask: str
+    server: str
+
+    def describe(self):
+        return f"{ipaddress.IPv4Address(self.first)}-{ipaddress.IPv4Address(self.last)}"
+
+
+def segment(config, provider):
+    if config.mode == "bridged":
+        lan = bridge_interface(config.bridge)
+        return Segment(provider.bridge_pool[0], provider.bridge_pool[1], str(lan.netmask), str(lan.ip))
+    net = provider.vpn_subnet
+    return Segment(int(net.network_address) + 2, int(net.broadcast_address) - 1, str(net.netmask),
+                   str(provider.server_address))
+
+
+@functools.lru_cache(maxsize=None)
+def bridge_interface(bridge):
+    """The LAN bridge's IPv4 address and prefix, from the kernel."""
+    out = run(["ip", "-o", "-4", "addr", "show", "dev", bridge], check=False)
+    fields = out.stdout.decode().split()
+    if out.returncode != 0 or "inet" not in fields:
+        raise Fatal(f"bridge {bridge}: no such device with an IPv4 address on this host", code=2)
+    return ipaddress.IPv4Interface(fields[fields.index("inet") + 1])
+
+
+def allocate_address(provider, seg, used):
+    """The lowest free address of the provider's segment."""
     taken = {int.from_bytes(socket.inet_aton(a), "big") for a in used}
-    first = int(provider.vpn_subnet.network_address) + 2
-    for number in range(first, int(provider.vpn_subnet.broadcast_address)):
+    for number in range(seg.first, seg.last + 1):
         if number not in taken:
             return str(ipaddress.IPv4Address(number))
-    raise RequestError(503, f"provider {provider.name}: no free address left in {provider.vpn_subnet}")
+    raise RequestError(503, f"provider {provider.name}: no free address left in {seg.describe()}")
 
 
 def host_name(provider, seq):
@@ -787,9 +851,12 @@ def make_csr(key_path, common_name):
 # === Network: OpenVPN ===
 
 def openvpn_server_config(config, provider):
-    """The provider's OpenVPN server: tun, static addresses only, split tunnel."""
+    """The provider's OpenVPN server: static addresses only, split tunnel.
+
+    No address pool: every host gets its static address from its ccd entry,
+    and ccd-exclusive refuses certificates that have none.
+    """
     run_dir = config.state("run")
-    mask = provider.vpn_subnet.netmask
     lines = [
         f"# {provider.name}: generated by dynfarm from {config.path}; edits are overwritten",
         "mode server",
@@ -797,16 +864,21 @@ def openvpn_server_config(config, provider):
         f"proto {provider.vpn_proto}4" + ("-server" if provider.vpn_proto == "tcp" else ""),
         f"port {provider.vpn_port}",
         f"dev {provider.interface}",
-        "dev-type tun",
-        "topology subnet",
-        # No address pool: every host gets its static address from its ccd entry,
-        # and ccd-exclusive refuses certificates that have none.
-        f"ifconfig {provider.server_address} {mask}",
-        'push "topology subnet"',
-        f'push "route-gateway {provider.server_address}"',
     ]
-    # Split tunnel: only the linked site hosts are routed through the VPN.
-    lines += [f'push "route {link.address} 255.255.255.255"' for link in config.links.values()]
+    if config.mode == "bridged":
+        # The tap is made and bridged by 'links up' (persistent, so it stays
+        # in the bridge when OpenVPN restarts); VMs are on the LAN itself.
+        lines += ["dev-type tap", f'push "route-gateway {segment(config, provider).server}"']
+    else:
+        lines += [
+            "dev-type tun",
+            "topology subnet",
+            f"ifconfig {provider.server_address} {provider.vpn_subnet.netmask}",
+            'push "topology subnet"',
+            f'push "route-gateway {provider.server_address}"',
+        ]
+        # Split tunnel: only the linked site hosts are routed through the VPN.
+        lines += [f'push "route {link.address} 255.255.255.255"' for link in config.links.values()]
     lines += [
         f"client-config-dir {config.state('ccd', provider.name)}",
         "ccd-exclusive",
@@ -835,7 +907,7 @@ def openvpn_client_config(config, provider, certificate):
     tls_crypt = read_text(config.state("openvpn", provider.name + ".tlscrypt")).strip()
     return "\n".join([
         "client",
-        "dev tun",
+        "dev tap" if config.mode == "bridged" else "dev tun",
         f"proto {provider.vpn_proto}4",
         f"remote {config.public_address} {provider.vpn_port}",
         "nobind",
@@ -860,7 +932,7 @@ def openvpn_client_config(config, provider, certificate):
 
 def write_ccd(config, provider, name, address):
     path = config.state("ccd", provider.name, name)
-    write_file(path, f"ifconfig-push {address} {provider.vpn_subnet.netmask}\n", 0o644)
+    write_file(path, f"ifconfig-push {address} {segment(config, provider).netmask}\n", 0o644)
 
 
 def remove_ccd(config, provider_name, name):
@@ -951,10 +1023,27 @@ def sysctl_step(key, value):
 
 def links_plan(config, outer):
     """Every action 'links up' takes, as data; outer maps link name -> our outer address."""
+    if config.mode == "bridged":
+        return bridge_steps(config)
     plan = [sysctl_step("net.ipv4.ip_forward", 1)]
     if config.mode == "gre":
         plan += link_device_steps(config, outer) + policy_routing_steps(config)
     plan += firewall_steps(config)
+    return plan
+
+
+def bridge_steps(config):
+    """bridged mode: a persistent tap per provider, in the LAN bridge.
+
+    The VMs are then on the site LAN (the paper's second way): they see it
+    all, and each other; use gre mode to keep them to chosen hosts.
+    """
+    plan = []
+    for provider in config.providers.values():
+        tap = provider.interface
+        plan += [step(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], ["ip", "link", "del", tap]),
+                 step(["ip", "link", "set", tap, "master", config.bridge]),
+                 step(["ip", "link", "set", tap, "up"])]
     return plan
 
 
@@ -1260,18 +1349,19 @@ class App:
     def create_host(self, provider, pubkey, fields):
         seq = self.store.next_seq(provider.name)
         name = host_name(provider.name, seq)
-        address = allocate_address(provider, self.store.used_addresses())
+        address = allocate_address(provider, segment(self.config, provider), self.store.used_addresses())
         self.store.add_host(name, provider.name, seq, address, pubkey, fields["machine_id"], fields["hostname"])
         return self.store.host(name)
 
     def enrollment_answer(self, provider, host, certificate):
+        seg = segment(self.config, provider)
         return {
             "status": "enrolled",
             "name": host["name"],
             "provider": provider.name,
             "address": host["address"],
-            "netmask": str(provider.vpn_subnet.netmask),
-            "vpn_server": str(provider.server_address),
+            "netmask": seg.netmask,
+            "vpn_server": seg.server,
             "probe_port": self.config.listen_port,
             "certificate": certificate,
             "openvpn_config": openvpn_client_config(self.config, provider, certificate),
@@ -2307,6 +2397,8 @@ def cmd_vpn(args, config):
     provider = config.provider(args.provider)
     if not os.path.exists(config.state("openvpn", provider.name + ".tlscrypt")):
         raise Fatal(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first", code=2)
+    if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
+        raise Fatal(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first", code=2)
     write_server_config(config, provider)
     path = config.state("openvpn", provider.name + ".conf")
     sys.stdout.flush()
@@ -2438,8 +2530,6 @@ def cmd_revoke(args, config):
 
 
 def cmd_links(args, config):
-    if config.mode == "bridged":
-        raise Fatal("links: bridged mode is not built yet; use mode = gre or routed", code=2)
     record = config.state("run", "links.json")
     return {"up": links_up, "down": links_down, "status": links_status, "peer": links_peer}[args.action](
         args, config, record)
@@ -2472,7 +2562,10 @@ def read_record(record):
         recorded = json.loads(read_text(record))
     except (OSError, ValueError):
         return None
-    if run(["iptables", "-w", "-S", FORWARD_CHAIN], check=False).returncode != 0:
+    first = recorded[0]["do"] if recorded else []
+    still_there = (os.path.exists(f"/sys/class/net/{first[4]}") if first[:3] == ["ip", "tuntap", "add"]
+                   else run(["iptables", "-w", "-S", FORWARD_CHAIN], check=False).returncode == 0)
+    if not still_there:
         remove_file(record)     # stale: made before a reboot
         return None
     return recorded
@@ -2494,6 +2587,13 @@ def links_down(args, config, record):
 def links_status(args, config, record):
     up = read_record(record) is not None
     print(f"mode {config.mode}; links {'up' if up else 'down'}")
+    if config.mode == "bridged":
+        for provider in config.providers.values():
+            tap = provider.interface
+            bridged = os.path.exists(f"/sys/class/net/{tap}/brport")
+            print(f"  {tap}: " + ("in bridge " + config.bridge if bridged else "not bridged")
+                  + f", pool {segment(config, provider).describe()}")
+        return 0
     if config.mode == "routed":
         subnets = ", ".join(str(p.vpn_subnet) for p in config.providers.values())
         print(f"the site's routers must route {subnets} to this host, e.g.:")

@@ -146,6 +146,8 @@ def running_farm(tmp, vms=VMS, conf=SITE_CONF):
     try:
         farm = Farm(world, site_dir)
         farm.dynfarm("init")
+        if "mode = bridged" in conf:       # the taps must be in the bridge before OpenVPN opens them
+            farm.dynfarm("links", "up")
         for provider in ("aruba", "other"):
             world.spawn("site", [sys.executable, DYNFARM, "-c", farm.conf, "vpn", provider],
                         os.path.join(site_dir, f"vpn-{provider}.log"))

@@ -138,3 +138,32 @@ def test_peer_down_script_removes_the_peer_end(linked):
     farm.world.run("master", ["sh", "-s"], input=farm.dynfarm("links", "peer", "master", "--down").stdout)
     assert "dl-dynfarm" not in farm.world.run("master", ["ip", "-o", "link"]).stdout
     assert "10.8.0.0/24" not in farm.world.run("master", ["ip", "route"]).stdout
+
+
+@pytest.fixture(scope="module")
+def bridged(tmp_path_factory):
+    conf = SITE_CONF.replace("request_timeout = 5\n", "request_timeout = 5\nbridge = br-site\n") \
+        .replace("mode = gre", "mode = bridged") \
+        .replace("vpn_subnet = 10.8.0.0/24\n", "vpn_subnet = 10.8.0.0/24\nbridge_pool = 10.10.0.100-10.10.0.149\n") \
+        .replace("vpn_subnet = 10.9.0.0/24\n", "vpn_subnet = 10.9.0.0/24\nbridge_pool = 10.10.0.150-10.10.0.199\n")
+    if "mode = bridged" not in conf:
+        conf = conf.replace("[site]\n", "[site]\nmode = bridged\n")
+    with running_farm(str(tmp_path_factory.mktemp("bridged")), conf=conf) as farm:
+        yield farm
+
+
+def test_bridged_vm_gets_its_pool_address_on_the_lan_and_reaches_the_master(bridged):
+    farm = bridged
+    address = enroll(farm, "vm1", "aruba")
+    assert address == "10.10.0.100"
+    assert "10.10.0.100/24" in farm.world.run("vm1", ["ip", "-o", "-4", "addr"]).stdout
+    seen, sent, received = transfer(farm, "vm1", "master", MASTER)
+    assert seen == "10.10.0.100" and sent == received
+    assert enroll(farm, "vm2", "other") == "10.10.0.150"
+    assert "in bridge br-site" in farm.dynfarm("links", "status").stdout
+
+
+def test_bridged_links_down_takes_the_taps_out(bridged):
+    farm = bridged
+    farm.dynfarm("links", "down")
+    assert "df-aruba" not in farm.world.run("site", ["ip", "-o", "link"]).stdout

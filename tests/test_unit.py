@@ -158,13 +158,42 @@ def test_token_for_unknown_provider_is_a_usage_error(site, capsys):
 
 # --- addresses ------------------------------------------------------------------
 
-def test_allocate_lowest_free_skipping_server():
-    provider = dynfarm.Provider("p", 1, dynfarm.ipaddress.IPv4Network("10.9.0.0/29"), "udp", [], "", [], True)
-    assert dynfarm.allocate_address(provider, set()) == "10.9.0.2"
-    assert dynfarm.allocate_address(provider, {"10.9.0.2", "10.9.0.4"}) == "10.9.0.3"
-    with pytest.raises(dynfarm.RequestError, match="no free address left in 10.9.0.0/29") as e:
-        dynfarm.allocate_address(provider, {f"10.9.0.{i}" for i in range(2, 7)})
+def test_allocate_lowest_free_skipping_server(site):
+    config, _, _ = site
+    provider = config.providers["other"]                    # 10.9.0.0/29
+    seg = dynfarm.segment(config, provider)
+    assert (seg.netmask, seg.server) == ("255.255.255.248", "10.9.0.1")
+    assert dynfarm.allocate_address(provider, seg, set()) == "10.9.0.2"
+    assert dynfarm.allocate_address(provider, seg, {"10.9.0.2", "10.9.0.4"}) == "10.9.0.3"
+    with pytest.raises(dynfarm.RequestError, match="no free address left in 10.9.0.2-10.9.0.6") as e:
+        dynfarm.allocate_address(provider, seg, {f"10.9.0.{i}" for i in range(2, 7)})
     assert e.value.status == 503
+
+
+def test_bridged_segment_comes_from_the_pool_and_the_bridge(site, monkeypatch):
+    config, _, _ = site
+    config.mode, config.bridge = "bridged", "br-lan"
+    config.providers["aruba"].bridge_pool = dynfarm.parse_pool("10.10.0.100-10.10.0.101", "x")
+    monkeypatch.setattr(dynfarm, "bridge_interface", lambda name: dynfarm.ipaddress.IPv4Interface("10.10.0.1/24"))
+    seg = dynfarm.segment(config, config.providers["aruba"])
+    assert (seg.netmask, seg.server, seg.describe()) == ("255.255.255.0", "10.10.0.1", "10.10.0.100-10.10.0.101")
+    assert dynfarm.allocate_address(config.providers["aruba"], seg, {"10.10.0.100"}) == "10.10.0.101"
+    text = dynfarm.openvpn_server_config(config, config.providers["aruba"])
+    assert "dev-type tap" in text and 'push "route-gateway 10.10.0.1"' in text
+    assert "ifconfig " not in text and "topology" not in text
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {})]
+    assert do[:3] == ["ip tuntap add dev df-aruba mode tap", "ip link set df-aruba master br-lan",
+                      "ip link set df-aruba up"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("mode = gre\nbridge = \n", "needs [site] bridge"),
+    ("mode = gre\nbridge = br0\n", "needs bridge_pool in [provider:aruba]"),
+])
+def test_bridged_config_errors(tmp_path, capsys, change, message):
+    conf = SITE_CONF.replace("request_timeout = 2\n", "request_timeout = 2\n" + change.replace("gre", "bridged"))
+    code, lines = config_error(tmp_path, conf, capsys)
+    assert code == 2 and message in lines[0], lines
 
 
 # --- the enrollment app, in-process -------------------------------------------------
@@ -263,7 +292,7 @@ def test_exhaustion_is_clear_and_changes_nothing(app, make_csr):
         assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 200
     before = db_snapshot(app.store)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
-    assert status == 503 and "no free address left in 10.9.0.0/29" in answer["error"]
+    assert status == 503 and "no free address left in 10.9.0.2-10.9.0.6" in answer["error"]
     assert db_snapshot(app.store) == before
 
 
