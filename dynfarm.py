@@ -2152,9 +2152,9 @@ def format_table(rows, columns):
 
 def ago(stamp, now=None):
     """'42s ago', '5m ago', '3h ago', '2d ago' or '-'."""
-    if not stamp:
+    if stamp is None:
         return "-"
-    seconds = max(0, int((now or time.time()) - stamp))
+    seconds = max(0, int((time.time() if now is None else now) - stamp))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"

@@ -1,0 +1,87 @@
+"""remote_control's machinery without ssh: the fan-out runs local commands.
+
+FanOut only starts argv lists, so `sh -c` stands in for ssh here; what is
+checked is the bounded parallelism, streaming, timeouts and the verdicts.
+"""
+
+import argparse
+import time
+
+import pytest
+
+import dynfarm
+
+
+def jobs_for(scripts):
+    return [dynfarm.Job(host, ["sh", "-c", script]) for host, script in scripts.items()]
+
+
+def test_lines_stream_with_their_host_and_stream():
+    seen = []
+    jobs = jobs_for({"a-1": "echo one; echo two >&2; printf tail", "a-2": "echo three"})
+    dynfarm.FanOut(jobs, 4, 0, on_line=lambda h, s, t: seen.append((h, s, t))).run()
+    assert sorted(seen) == [("a-1", "err", "two"), ("a-1", "out", "one"), ("a-1", "out", "tail"),
+                            ("a-2", "out", "three")]
+    assert [j.status for j in jobs] == ["ok", "ok"]
+
+
+def test_fanout_bounds_how_many_run_at_once(tmp_path):
+    """Each job records the others running beside it; never more than the fan-out."""
+    counter = tmp_path / "running"
+    counter.mkdir()
+    script = (f"touch {counter}/$$; ls {counter} | wc -l >> {tmp_path}/seen; sleep 0.3; rm {counter}/$$")
+    dynfarm.FanOut(jobs_for({f"h-{i}": script for i in range(9)}), 3, 0).run()
+    seen = [int(x) for x in (tmp_path / "seen").read_text().split()]
+    assert len(seen) == 9 and max(seen) <= 3 and max(seen) >= 2
+
+
+def test_exit_codes_become_verdicts():
+    jobs = jobs_for({"ok": "true", "bad": "exit 3", "gone": "echo 'ssh: connect to host x: No route' >&2; exit 255",
+                     "key": "echo 'Host key verification failed.' >&2; exit 255"})
+    dynfarm.FanOut(jobs, 8, 0).run()
+    assert {j.host: (j.status, j.rc) for j in jobs} == {
+        "ok": ("ok", 0), "bad": ("failed", 3), "gone": ("unreachable", 255), "key": ("hostkey", 255)}
+    assert dynfarm.summary_line(jobs) == "1 ok, 1 failed, 1 unreachable, 0 timed out, 1 host key refused"
+
+
+def test_a_job_past_its_timeout_is_killed_with_its_children():
+    started = time.monotonic()
+    jobs = jobs_for({"slow": "sleep 30 & sleep 30; echo never", "fast": "echo quick"})
+    dynfarm.FanOut(jobs, 2, 0.5).run()
+    assert time.monotonic() - started < 5
+    assert {j.host: j.status for j in jobs} == {"slow": "timeout", "fast": "ok"}
+    assert b"never" not in jobs[0].out
+
+
+def test_output_kept_for_gathering_is_bounded():
+    jobs = jobs_for({"big": "head -c 3000000 /dev/zero"})
+    dynfarm.FanOut(jobs, 1, 0).run()
+    assert len(jobs[0].out) == dynfarm.FanOut.KEEP and jobs[0].status == "ok"
+
+
+def test_a_command_that_cannot_start_is_a_failure():
+    jobs = [dynfarm.Job("x", ["/nonexistent/ssh"])]
+    dynfarm.FanOut(jobs, 1, 0).run()
+    assert jobs[0].status == "failed" and b"No such file" in jobs[0].err
+
+
+def test_summary_always_names_the_four_main_verdicts():
+    assert dynfarm.summary_line([]) == "0 ok, 0 failed, 0 unreachable, 0 timed out"
+
+
+def test_ssh_options_never_prompt_nor_trust_on_first_use(site):
+    config, _, _ = site
+    args = argparse.Namespace(connect_timeout=3.0, reuse=False)
+    options = dynfarm.ssh_options(config, args, "/tmp/kh")
+    pairs = {options[i + 1] for i, o in enumerate(options) if o == "-o"}
+    for wanted in ("BatchMode=yes", "StrictHostKeyChecking=yes", "UserKnownHostsFile=/tmp/kh",
+                   "GlobalKnownHostsFile=/dev/null", "ConnectTimeout=3"):
+        assert wanted in pairs
+    assert not any(p.startswith("ControlMaster") for p in pairs)
+    reuse = dynfarm.ssh_options(config, argparse.Namespace(connect_timeout=3.0, reuse=True), "/tmp/kh")
+    assert "ControlMaster=auto" in reuse and "ControlPersist=600" in reuse
+
+
+@pytest.mark.parametrize("stamp, text", [(None, "-"), (100, "40s ago"), (0, "2m ago")])
+def test_ago(stamp, text):
+    assert dynfarm.ago(stamp, now=140) == text
