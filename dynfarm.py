@@ -2186,9 +2186,21 @@ def ssh_options(config, args, known_hosts_path):
     if args.reuse:
         # One master connection per host, kept 10 minutes: a series of
         # commands pays the key exchange once.
-        options += ["-o", "ControlMaster=auto", "-o", f"ControlPath={config.state('run', 'cm-%C')}",
+        options += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
                     "-o", "ControlPersist=600"]
     return options
+
+
+def control_dir():
+    """A private directory for ssh's control sockets, with a short path: a
+    socket path may not exceed 107 bytes, and whoever can reach the socket
+    can use the connection."""
+    path = os.path.join(tempfile.gettempdir(), f"dynfarm-ssh-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise Fatal(f"{path}: not a private directory of ours (0700); remove it and try again")
+    return path
 
 
 @dataclasses.dataclass

@@ -80,6 +80,8 @@ def test_ssh_options_never_prompt_nor_trust_on_first_use(site):
     assert not any(p.startswith("ControlMaster") for p in pairs)
     reuse = dynfarm.ssh_options(config, argparse.Namespace(connect_timeout=3.0, reuse=True), "/tmp/kh")
     assert "ControlMaster=auto" in reuse and "ControlPersist=600" in reuse
+    path = next(o for o in reuse if o.startswith("ControlPath="))
+    assert len(path) - len("ControlPath=%C") + 40 + 20 < 108          # fits a unix socket name
 
 
 @pytest.mark.parametrize("stamp, text", [(None, "-"), (100, "40s ago"), (0, "2m ago")])

@@ -150,3 +150,12 @@ def test_interrupt_ends_children_and_prints_a_partial_summary(farm):
     # our ssh to vm2 is gone (the command itself, without a terminal, may run on
     # on the VM to its end, as with plain ssh)
     assert subprocess.run(["pgrep", "-f", "ssh .*10.8.0.3 sleep 60"]).returncode == 1
+
+
+def test_reuse_keeps_one_connection_per_host(farm):
+    first = rc(farm, "-w", "aruba-0002", "--reuse", "run", "--", "echo $PPID")
+    assert first.returncode == 0, first.stderr
+    second = rc(farm, "-w", "aruba-0002", "--reuse", "run", "--", "echo $PPID")
+    assert second.returncode == 0
+    # the same sshd session process served both: the connection was reused
+    assert first.stdout == second.stdout
