@@ -37,8 +37,10 @@ lint: deps  ## Python 3.9 floor (vermin), stdlib-only imports, pyflakes, sh synt
 demo: deps  ## build the namespace world, enroll three VMs, show them, tear down
 	$(VENV)/bin/python tests/demo.py
 
-bench: deps  ## benchmarks (print figures; never part of the tests)
+bench: deps  ## benchmarks (print figures; never part of the tests): enrollment, fan-out, links
 	$(VENV)/bin/python bench/enroll.py
+	$(VENV)/bin/python bench/fanout.py
+	$(VENV)/bin/python bench/links.py
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__

@@ -44,6 +44,7 @@ import http.server
 import ipaddress
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -69,6 +70,7 @@ DEFAULT_CONFIG = "/etc/dynfarm/site.conf"
 CLIENT_STATE_DIR = "/var/lib/dynfarm"
 MAX_BODY = 64 * 1024
 CERT_DAYS = 825
+RENEW_BEFORE = 30 * 86400     # seconds before expiry when init renews the server certificate
 CA_DAYS = 3650
 CRL_DAYS = 3650
 SERVER_CN = "dynfarm-server"
@@ -77,10 +79,10 @@ SERVER_CN = "dynfarm-server"
 PROVIDER_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 # Link names end up in interface names too: dl-NAME, 15 bytes at most.
 LINK_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
-HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$")
-MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+HOST_KEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}")
+MACHINE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
 # === Errors ===
@@ -413,11 +415,23 @@ def check_no_overlap(providers, path):
 
 
 def parse_duration(text):
-    """'90s', '30m', '24h', '7d' or plain seconds -> seconds."""
-    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise Fatal(f"bad duration '{text}': use e.g. 30m, 24h, 7d", code=2)
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    """'90s', '30m', '24h', '7d' or plain seconds -> seconds (at most ten years)."""
+    match = re.fullmatch(r"(\d{1,9})([smhd]?)", text.strip())
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0
+    if not 0 < seconds <= 3650 * 86400:
+        raise Fatal(f"bad duration '{text}': use e.g. 30m, 24h, 7d (at most 3650d)", code=2)
+    return seconds
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not '{text}'")
+    return value
 
 
 # === Store: all SQL lives here ===
@@ -736,6 +750,20 @@ def public_key_of(der, index):
     return der[fields[index][1]:fields[index][2]]
 
 
+def cert_expires(cert_pem):
+    """notAfter of a PEM certificate, as a Unix time."""
+    der = pem_to_der(cert_pem, "CERTIFICATE")
+    _, start, _ = der_element(der, 0)
+    _, info, info_end = der_element(der, start)
+    validity = der_children(der, info, info_end)[4]           # TBSCertificate's 5th field
+    _, vstart, vend = der_element(der, validity[1])
+    tag, at, _ = der_children(der, vstart, vend)[1]            # notAfter
+    _, tstart, tend = der_element(der, at)
+    layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"      # UTCTime or GeneralizedTime
+    when = datetime.datetime.strptime(der[tstart:tend].decode(), layout)
+    return when.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def key_id(spki_der):
     return hashlib.sha256(spki_der).hexdigest()
 
@@ -768,6 +796,11 @@ class PKI:
         if not os.path.exists(self.path("server.crt")):
             self.make_server_cert(public_address)
             added.append(f"server certificate for {public_address} (pki/server.crt)")
+        elif cert_expires(read_text(self.path("server.crt"))) < time.time() + RENEW_BEFORE:
+            # Clients pin the CA, not this certificate: a new one is seamless,
+            # an expired one stops every VM's VPN and enrollment.
+            self.make_server_cert(public_address)
+            added.append(f"renewed server certificate for {public_address}, close to expiry (pki/server.crt)")
         if not os.path.exists(self.path("crl.pem")):
             self.write_crl([])
             added.append("empty revocation list (pki/crl.pem)")
@@ -799,7 +832,11 @@ class PKI:
         for extension in extensions:
             argv += ["-addext", extension]
         done = run(argv, input=csr_pem.encode(), check=False)
-        if done.returncode != 0 or b"verify OK" not in done.stderr:
+        if done.returncode != 0:
+            detail = done.stderr.decode(errors="replace").strip().splitlines()
+            raise Fatal(f"openssl could not sign (dynfarm needs OpenSSL 3.0 or newer): "
+                        f"{detail[-1] if detail else 'exit %d' % done.returncode}")
+        if b"verify OK" not in done.stderr:
             raise RequestError(400, "certificate request rejected: its signature does not verify")
         certificate = done.stdout.decode()
         # Without a request to read, 'req -x509' would make a key of its own:
@@ -1135,14 +1172,28 @@ def apply_plan(plan, record_path):
             undo = action["undo"]
             if action["previous"]:
                 undo = [a.replace("{previous}", read_text(action["previous"]).strip()) for a in undo]
-            run(action["do"])
+            # Recorded before it runs: interrupted mid-step, the step is undone
+            # all the same (an undo of what did not happen fails harmlessly).
             done.append({"do": action["do"], "undo": undo})
-            write_file(record_path, json.dumps(done, indent=1), 0o600)
+            write_file(record_path, json.dumps({"boot": boot_id(), "steps": done}, indent=1), 0o600)
+            try:
+                run(action["do"])
+            except Fatal:
+                done.pop()
+                raise
     except BaseException:
         undo_steps(done)
         remove_file(record_path)
         raise
     return done
+
+
+def boot_id():
+    """This boot's id: a record of links made before a reboot describes nothing."""
+    try:
+        return read_text("/proc/sys/kernel/random/boot_id").strip()
+    except OSError:
+        return ""
 
 
 def undo_steps(done):
@@ -1253,7 +1304,7 @@ class App:
     def enroll(self, request):
         fields = parse_json(request.body)
         version = fields.get("version")
-        if not isinstance(version, str) or not HEX64_RE.match(version):
+        if not isinstance(version, str) or not HEX64_RE.fullmatch(version):
             raise RequestError(400, "field 'version' must be the sha256 hex of the client's source")
         if version != self.version:
             # Authenticate before answering, but change nothing: the updated
@@ -1273,9 +1324,13 @@ class App:
                 self.release_host(host["name"], token_id)
             raise
         with self.store.transaction():
+            # A revoke may have landed while we signed: it wins.
+            if self.store.host(host["name"])["revoked_at"] is not None:
+                raise RequestError(403, f"host {host['name']} is revoked")
             self.store.record_enrollment(host["name"], serial, fields["machine_id"], fields["hostname"],
                                          fields["host_keys"], fields["facts"], version)
-        write_ccd(self.config, provider, host["name"], host["address"])
+            # before COMMIT: revoke removes the entry only after its own commit
+            write_ccd(self.config, provider, host["name"], host["address"])
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
@@ -1333,6 +1388,8 @@ class App:
         if wanted and wanted != provider.name:
             raise RequestError(403, f"this token belongs to provider {provider.name}, not {wanted}")
         source = ipaddress.ip_address(request.peer_ip)
+        if source.version == 6 and source.ipv4_mapped:    # an IPv4 client of a [::] listener
+            source = source.ipv4_mapped
         if not any(source in net for net in provider.networks):
             raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
         return provider, token_id
@@ -1468,17 +1525,22 @@ def validate_update_request(fields):
 
 def validate_enroll_request(fields):
     validate_fields(fields, ENROLL_FIELDS)
-    if not MACHINE_ID_RE.match(fields["machine_id"]):
+    if not MACHINE_ID_RE.fullmatch(fields["machine_id"]):
         raise RequestError(400, "field 'machine_id' has characters outside [A-Za-z0-9_.-]")
-    if not HOSTNAME_RE.match(fields["hostname"]):
+    if not HOSTNAME_RE.fullmatch(fields["hostname"]):
         raise RequestError(400, "field 'hostname' is not a host name")
+    for name, kind in (("cores", int), ("memory_mb", int)):
+        if name in fields["facts"] and (not isinstance(fields["facts"][name], kind)
+                                        or isinstance(fields["facts"][name], bool)):
+            raise RequestError(400, f"fact '{name}' must be an integer")
     if "provider" in fields and not PROVIDER_RE.match(fields["provider"]):
         raise RequestError(400, "field 'provider' is not a provider name")
     for key in fields["host_keys"]:
-        if not isinstance(key, str) or len(key) > 2048 or not HOST_KEY_RE.match(key):
+        if not isinstance(key, str) or len(key) > 2048 or not HOST_KEY_RE.fullmatch(key):
             raise RequestError(400, "field 'host_keys' must hold 'TYPE BASE64' ssh public keys")
     for name, value in fields["facts"].items():
-        if len(name) > 32 or not isinstance(value, (str, int, float)) or len(str(value)) > 256:
+        if len(name) > 32 or not isinstance(value, (str, int, float)) or len(str(value)) > 256 \
+                or (isinstance(value, float) and not math.isfinite(value)):
             raise RequestError(400, "field 'facts' must map short names to short values")
     try:
         csr_public_key(fields["csr"])
@@ -1511,7 +1573,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit() and len(length) <= 12):
             return self.answer(411, {"error": "Content-Length required"}, {})
         if int(length) > MAX_BODY:
             # Drain a little so that closing with unread data does not reset the
@@ -1575,11 +1637,16 @@ class TLSServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 1024
+    max_connections = 1024
 
     def __init__(self, address, app, tls, timeout):
         self.app = app
         self.tls = tls
         self.request_timeout = timeout
+        # One thread per connection, so connections are capped: past the cap a
+        # new one is closed at once rather than starting yet another thread.
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.watchdog = Watchdog()
         # Handshakes run in every connection's thread; the work behind them
         # (openssl, sqlite) runs at most two per core: a thousand VMs booting
         # at once queue here instead of forking a thousand openssl processes.
@@ -1588,18 +1655,73 @@ class TLSServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
+    def process_request(self, sock, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(sock)
+            return
+        try:
+            super().process_request(sock, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
     def finish_request(self, sock, client_address):
+        # request_timeout bounds each read and, through the timer, the whole
+        # request: a client trickling a byte at a time is cut off all the same.
         sock.settimeout(self.request_timeout)
+        self.watchdog.watch(sock, self.request_timeout)
         try:
             conn = self.tls.wrap_socket(sock, server_side=True)
         except (ssl.SSLError, OSError):
+            self.watchdog.forget(sock)
             return
+        self.watchdog.watch(conn, self.request_timeout, replacing=sock)
         try:
             self.RequestHandlerClass(conn, client_address, self)
         except OSError:
             pass   # the peer went away or was too slow: nothing to answer
         finally:
+            self.watchdog.forget(conn)
             conn.close()
+
+    def process_request_thread(self, sock, client_address):
+        try:
+            super().process_request_thread(sock, client_address)
+        finally:
+            self.slots.release()
+
+
+class Watchdog:
+    """One thread that shuts connections past their deadline (a timer per
+    connection would double the threads of a boot storm)."""
+
+    def __init__(self):
+        self.deadlines = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self.loop, daemon=True, name="dynfarm-watchdog").start()
+
+    def watch(self, sock, seconds, replacing=None):
+        with self.lock:
+            started = self.deadlines.pop(replacing, None) if replacing is not None else None
+            self.deadlines[sock] = started or time.monotonic() + seconds
+
+    def forget(self, sock):
+        with self.lock:
+            self.deadlines.pop(sock, None)
+
+    def loop(self):
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self.lock:
+                late = [sock for sock, deadline in self.deadlines.items() if deadline < now]
+                for sock in late:
+                    del self.deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def server_tls_context(config):
@@ -1719,9 +1841,17 @@ class Client:
     def tls_context(self):
         ctx = ssl.create_default_context(cafile=self.ca)   # the site CA only: pinned
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if os.path.exists(self.path("client.crt")):
+        if self.certificate_usable():
             ctx.load_cert_chain(self.path("client.crt"), self.path("client.key"))
         return ctx
+
+    def certificate_usable(self):
+        """Present our certificate only while it is valid: an expired one would
+        make the server refuse the handshake, where the token still works."""
+        try:
+            return cert_expires(read_text(self.path("client.crt"))) > time.time() + 60
+        except (OSError, ValueError):
+            return False
 
     def call(self, method, path, body=None):
         """JSON over HTTPS; ServerUnreachable when nobody answers, Fatal when refused."""
@@ -1738,10 +1868,11 @@ class Client:
             except ValueError:
                 message = ""
             raise Fatal(f"{self.server} refused {path}: {e.code} {message or e.reason}")
-        except ssl.SSLCertVerificationError as e:
-            raise Fatal(f"{self.server}: certificate not trusted by the pinned site CA {self.ca} ({e.verify_message})")
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise Fatal(f"{self.server}: its certificate does not verify against the pinned site CA "
+                            f"{self.ca} ({reason.verify_message})")
             raise ServerUnreachable(str(reason))
 
     def update_self(self, expected):
@@ -1824,6 +1955,8 @@ class Client:
         return failed
 
     def install_ssh_keys(self, keys):
+        """The site's keys for root, once each; keys the site dropped since the
+        last boot go (only those dynfarm put there: the rest is the VM's)."""
         ssh_dir = os.path.join(self.home, ".ssh")
         os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
         path = os.path.join(ssh_dir, "authorized_keys")
@@ -1831,18 +1964,28 @@ class Client:
             present = read_text(path).splitlines()
         except FileNotFoundError:
             present = []
-        missing = [k for k in keys if k not in present]
-        if missing or not os.path.exists(path):
-            write_file(path, "".join(line + "\n" for line in present + missing), 0o600)
-        self.steps.append({"step": "ssh keys", "added": len(missing)})
+        try:
+            ours_before = json.loads(read_text(self.path("ssh_keys.json")))
+        except (OSError, ValueError):
+            ours_before = []
+        dropped = [k for k in ours_before if k not in keys]
+        kept = [line for line in present if line not in dropped]
+        missing = [k for k in keys if k not in kept]
+        if missing or dropped or not os.path.exists(path):
+            write_file(path, "".join(line + "\n" for line in kept + missing), 0o600)
+        write_file(self.path("ssh_keys.json"), json.dumps(keys), 0o600)
+        self.steps.append({"step": "ssh keys", "added": len(missing), "removed": len(present) - len(kept)})
 
     def apply_file(self, entry):
         target = os.path.normpath(entry["path"])
         if not target.startswith("/") or ".." in target.split("/"):
             raise Fatal(f"refusing customization path {entry['path']!r}")
         if entry["type"] == "dir":
-            os.makedirs(target, exist_ok=True)
-            os.chmod(target, entry["mode"])
+            # Only a directory we make gets the tree's mode: /etc in the
+            # admin's tree must not chmod the VM's /etc.
+            if not os.path.isdir(target):
+                os.makedirs(target)
+                os.chmod(target, entry["mode"])
         else:
             write_file(target, base64.b64decode(entry["data"]), entry["mode"])
         self.steps.append({"step": "file " + target})
@@ -1894,7 +2037,7 @@ def machine_id():
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
             value = read_text(path).strip()
-            if MACHINE_ID_RE.match(value):
+            if MACHINE_ID_RE.fullmatch(value):
                 return value
         except OSError:
             pass
@@ -1906,7 +2049,7 @@ def ssh_host_keys():
     for name in sorted(os.listdir("/etc/ssh")) if os.path.isdir("/etc/ssh") else []:
         if name.startswith("ssh_host_") and name.endswith("_key.pub"):
             fields = read_text(os.path.join("/etc/ssh", name)).split()
-            if len(fields) >= 2:
+            if len(fields) >= 2 and HOST_KEY_RE.fullmatch(f"{fields[0]} {fields[1]}"):   # no ssh-dss
                 keys.append(f"{fields[0]} {fields[1]}")
     return keys
 
@@ -2180,7 +2323,13 @@ def ssh_options(config, args, known_hosts_path):
     options = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", f"UserKnownHostsFile={known_hosts_path}", "-o", "GlobalKnownHostsFile=/dev/null",
                "-o", f"ConnectTimeout={args.connect_timeout:g}", "-o", "ServerAliveInterval=15",
-               "-o", "LogLevel=ERROR", "-o", "User=root"]
+               "-o", "LogLevel=ERROR", "-o", "User=root",
+               # OpenSSH 9.0-9.8 put the sntrup761 hybrid first: 80 ms of client
+               # CPU per connection here against 12 ms for curve25519, which
+               # saturates the cores at a few hundred hosts. The session already
+               # runs inside the site's VPN; host key and auth checks are unchanged,
+               # and OpenSSH 9.9+ keeps its ML-KEM hybrid first.
+               "-o", "KexAlgorithms=-sntrup761x25519-sha512*"]
     if config.ssh_identity:
         options += ["-i", config.ssh_identity, "-o", "IdentitiesOnly=yes"]
     if args.reuse:
@@ -2288,6 +2437,8 @@ class FanOut:
         if self.on_line:
             lines = (job.partial.get(stream, b"") + data).split(b"\n")
             job.partial[stream] = lines.pop()
+            if len(job.partial[stream]) > self.KEEP:     # output that never ends a line
+                lines.append(job.partial.pop(stream))
             for line in lines:
                 self.on_line(job.host, stream, line.decode(errors="replace"))
 
@@ -2574,13 +2725,10 @@ def read_record(record):
         recorded = json.loads(read_text(record))
     except (OSError, ValueError):
         return None
-    first = recorded[0]["do"] if recorded else []
-    still_there = (os.path.exists(f"/sys/class/net/{first[4]}") if first[:3] == ["ip", "tuntap", "add"]
-                   else run(["iptables", "-w", "-S", FORWARD_CHAIN], check=False).returncode == 0)
-    if not still_there:
+    if recorded.get("boot") != boot_id():
         remove_file(record)     # stale: made before a reboot
         return None
-    return recorded
+    return recorded["steps"]
 
 
 def links_down(args, config, record):
@@ -2653,7 +2801,8 @@ def cmd_list(args, config):
             row["last seen"] = ago(row["last_seen"])
             row["version"] = row["client_version"] or "-"
             row["cores"] = row["facts"].get("cores", "-")
-            row["memory"] = f"{row['facts']['memory_mb'] // 1024} GiB" if "memory_mb" in row["facts"] else "-"
+            memory = row["facts"].get("memory_mb")
+            row["memory"] = f"{memory // 1024} GiB" if isinstance(memory, int) else "-"
         print(format_table(rows, ["name", "provider", "address", "state", "last seen", "version", "cores",
                                   "memory"]))
     else:
@@ -2678,9 +2827,15 @@ def cmd_put(args, config):
 
 
 def cmd_get(args, config):
+    if os.path.exists(args.directory) and not os.path.isdir(args.directory):
+        raise Fatal(f"get: {args.directory} is not a directory", code=2)
+
     def argv(row, opts):
         target = os.path.join(args.directory, row["name"])
-        os.makedirs(target, exist_ok=True)
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as e:
+            raise Fatal(f"get: cannot make {target}: {e.strerror}")
         return ["scp", "-q", "-r", "-p"] + opts + [f"{row['address']}:{args.source}", target + "/"]
     return remote_action(config, args, argv)
 
@@ -2693,9 +2848,14 @@ def remote_action(config, args, make_argv):
         rows = [r for r in rows if r["state"] == "connected"]
     if not rows:
         raise Fatal("no connected host selected (see 'remote_control list'; --all tries the others too)")
-    path = config.state("run", "known_hosts")
-    write_file(path, "".join(f"{r['address']} {key}\n" for r in rows for key in r["host_keys"]), 0o600)
-    options = ssh_options(config, args, path)
+    # A file per run: two runs at once must not rewrite each other's.
+    with tempfile.NamedTemporaryFile("w", dir=config.state("run"), prefix="known_hosts.") as known:
+        known.write("".join(f"{r['address']} {key}\n" for r in rows for key in r["host_keys"]))
+        known.flush()
+        return fan_out(rows, make_argv, ssh_options(config, args, known.name), args)
+
+
+def fan_out(rows, make_argv, options, args):
     jobs = [Job(r["name"], make_argv(r, options)) for r in rows]
     gathered = getattr(args, "gather", False) or getattr(args, "json", False)
     fan = FanOut(jobs, args.fanout, args.timeout,
@@ -2757,7 +2917,7 @@ def build_parser():
                            ("bootstrap", "print the script (or cloud-init) that joins a fresh VM")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("provider")
-        p.add_argument("--uses", type=int, default=1, help="how many machines it may enroll (default 1)")
+        p.add_argument("--uses", type=positive_int, default=1, help="how many machines it may enroll (default 1)")
         p.add_argument("--ttl", default="24h", help="how long it is valid: 30m, 24h, 7d (default 24h)")
         if name == "bootstrap":
             p.add_argument("--cloud-init", action="store_true", help="print cloud-init user-data instead")
@@ -2803,7 +2963,7 @@ def build_parser():
     p.add_argument("-w", dest="hosts", metavar="HOSTS", help="only these hosts (ranges, globs, commas)")
     p.add_argument("-x", dest="exclude", metavar="HOSTS", help="not these hosts")
     p.add_argument("--all", action="store_true", help="also try hosts the VPN does not show connected")
-    p.add_argument("-f", "--fanout", type=int, default=64, help="hosts at once (default 64)")
+    p.add_argument("-f", "--fanout", type=positive_int, default=64, help="hosts at once (default 64)")
     p.add_argument("-t", "--connect-timeout", type=float, default=10, help="ssh connect timeout, s (default 10)")
     p.add_argument("-u", "--timeout", type=float, default=0, help="command timeout per host, s (default none)")
     p.add_argument("--reuse", action="store_true", help="keep ssh connections open for later runs "

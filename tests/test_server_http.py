@@ -125,3 +125,27 @@ def test_untrusted_client_certificate_is_refused(server, tmp_path):
     ctx.load_cert_chain(crt, key)
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         healthy(httpd, ctx)
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "9" * 5000, "-1", "1e3"])
+def test_odd_content_lengths_get_411(server, length):
+    httpd, ctx, _ = server
+    line = raw_tls(httpd, ctx, f"POST /v1/enroll HTTP/1.0\r\nContent-Length: {length}\r\n\r\n".encode())
+    assert line.split()[1] == "411"
+    assert healthy(httpd, ctx)
+
+
+def test_a_client_trickling_bytes_is_cut_off_at_the_deadline(server):
+    """Each byte arrives within the read timeout; the whole request may not take longer."""
+    httpd, ctx, _ = server
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=30) as sock:
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            try:
+                for byte in b"POST /v1/enroll HTTP/1.0\r\nX-Slow: " + b"a" * 100:
+                    tls.sendall(bytes([byte]))
+                    time.sleep(0.5)
+            except OSError:
+                pass
+    assert time.monotonic() - started < 8          # request_timeout is 2 s here
+    assert healthy(httpd, ctx)

@@ -639,3 +639,127 @@ def test_site_conf_example_is_valid(tmp_path):
     config = dynfarm.load_config(str(tmp_path / "site.conf"))
     assert config.links["batch-master"].device == "dl-batch-master"
     assert config.providers["aruba"].vm_to_vm is True
+
+
+# --- defects found in review, each pinned by a test ---------------------------------
+
+def test_init_renews_a_server_certificate_close_to_expiry(tmp_path, capsys, monkeypatch):
+    path = write_site(str(tmp_path))
+    monkeypatch.setattr(dynfarm, "CERT_DAYS", 10)
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    state = tmp_path / "state" / "pki"
+    old = (state / "server.crt").read_text()
+    monkeypatch.setattr(dynfarm, "CERT_DAYS", 825)
+    capsys.readouterr()
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    assert "renewed server certificate" in capsys.readouterr().out
+    assert dynfarm.cert_expires((state / "server.crt").read_text()) > dynfarm.cert_expires(old) + 800 * 86400
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    assert capsys.readouterr().out.startswith("nothing to add")
+
+
+def test_a_revoke_landing_while_signing_wins(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    name = call(app, "/v1/enroll", enroll_body(token, csr))[1]["name"]
+    os.unlink(app.config.state("ccd", "aruba", name))
+    sign = app.pki.sign_client
+
+    def sign_then_revoke(csr_pem, host):
+        result = sign(csr_pem, host)
+        with app.store.transaction():
+            app.store.revoke(host)
+        return result
+    monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    assert status == 403 and "revoked" in answer["error"]
+    assert not os.path.exists(app.config.state("ccd", "aruba", name))
+
+
+def test_openssl_failure_is_not_blamed_on_the_request(site, make_csr, monkeypatch):
+    _, _, pki = site
+    monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: subprocess.CompletedProcess(
+        argv, 1, b"", b"req: Unknown option: -CA\n"))
+    with pytest.raises(dynfarm.Fatal, match="needs OpenSSL 3.0 or newer.*Unknown option: -CA"):
+        pki.sign_client(make_csr()[1], "aruba-0001")
+
+
+def test_ipv4_clients_of_an_ipv6_listener_keep_their_networks(site, make_csr):
+    config, store, pki = site
+    config.providers["aruba"].networks = [dynfarm.ipaddress.IPv4Network("127.0.0.0/8")]
+    app = dynfarm.App(config, store, pki)
+    token, _ = dynfarm.new_token(store, "aruba", 1, 60)
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]), peer_ip="::ffff:127.0.0.1")[0] == 200
+
+
+@pytest.mark.parametrize("facts, message", [
+    ({"memory_mb": "4096"}, "fact 'memory_mb' must be an integer"),
+    ({"cores": True}, "fact 'cores' must be an integer"),
+    ({"load": float("nan")}, "short values"),
+])
+def test_fact_types_are_checked(app, make_csr, facts, message):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    body = enroll_body(token, make_csr()[1], facts=facts)
+    status, answer, _ = call(app, "/v1/enroll", json.dumps(body).encode())
+    assert status == 400 and message in answer["error"]
+
+
+def test_an_existing_directory_keeps_its_mode(client, tmp_path):
+    existing = tmp_path / "etc"
+    existing.mkdir(mode=0o755)
+    client.apply_file({"path": str(existing), "type": "dir", "mode": 0o700})
+    assert existing.stat().st_mode & 0o777 == 0o755
+    client.apply_file({"path": str(tmp_path / "etc" / "new"), "type": "dir", "mode": 0o750})
+    assert (tmp_path / "etc" / "new").stat().st_mode & 0o777 == 0o750
+
+
+def test_site_keys_dropped_from_the_config_leave_the_vm(client, tmp_path):
+    os.makedirs(client.dir)
+    ssh = tmp_path / "root" / ".ssh"
+    ssh.mkdir(parents=True)
+    (ssh / "authorized_keys").write_text("ssh-ed25519 AAAAvm-own key\n")
+    client.install_ssh_keys(["ssh-ed25519 AAAAold site", "ssh-ed25519 AAAAnew site"])
+    client.install_ssh_keys(["ssh-ed25519 AAAAnew site"])
+    assert (ssh / "authorized_keys").read_text().splitlines() == ["ssh-ed25519 AAAAvm-own key",
+                                                                 "ssh-ed25519 AAAAnew site"]
+
+
+def test_an_expired_client_certificate_is_not_presented(app, make_csr, client, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    os.makedirs(client.dir, exist_ok=True)
+    with open(client.path("client.crt"), "w") as f:
+        f.write(call(app, "/v1/enroll", enroll_body(token, csr))[1]["certificate"])
+    assert client.certificate_usable()
+    monkeypatch.setattr(dynfarm.time, "time", lambda: 4102444800.0)      # 2100
+    assert not client.certificate_usable()
+
+
+def test_a_links_record_from_another_boot_is_stale(tmp_path, monkeypatch):
+    record = tmp_path / "links.json"
+    record.write_text(json.dumps({"boot": "an-earlier-boot", "steps": [{"do": ["x"], "undo": ["y"]}]}))
+    assert dynfarm.read_record(str(record)) is None and not record.exists()
+    record.write_text(json.dumps({"boot": dynfarm.boot_id(), "steps": [{"do": ["x"], "undo": ["y"]}]}))
+    assert dynfarm.read_record(str(record)) == [{"do": ["x"], "undo": ["y"]}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["remote_control", "-f", "0", "list"], "at least 1"),
+    (["token", "aruba", "--uses", "0"], "at least 1"),
+    (["token", "aruba", "--ttl", "999999999999d"], "bad duration"),
+])
+def test_bad_numbers_are_usage_errors(site, capsys, argv, message):
+    config, _, _ = site
+    try:
+        code = dynfarm.main(["-c", config.path] + argv)
+    except SystemExit as e:        # argparse's own refusals
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_get_into_a_file_is_a_usage_error(site, capsys, tmp_path):
+    config, _, _ = site
+    target = tmp_path / "afile"
+    target.write_text("")
+    assert dynfarm.main(["-c", config.path, "remote_control", "--all", "get", "/etc/hostname", str(target)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
