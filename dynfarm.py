@@ -4,13 +4,15 @@
 One file, standard library only, Python 3.9+. It is:
 
   * the site's enrollment server   (init, server, vpn, token, bootstrap, revoke)
+  * the site's router to the VMs   (links: gre/vxlan links, policy routing, firewall)
   * the VM's boot-time client      (client: key, enroll, OpenVPN up, customize)
-  * the admin's remote_control     (list the VMs of a provider, and more to come)
+  * the admin's remote_control     (list, run, put, get over ssh, with a fan-out)
 
 Sections, in the order data flows (grep for "# === "):
 
   constants -> errors -> seam (external commands) -> config -> store (sqlite)
-  -> PKI -> network (OpenVPN) -> server -> client -> remote_control -> CLI
+  -> tokens, addresses -> PKI -> network (OpenVPN; links) -> server -> client
+  -> remote_control -> CLI
 
 The enrollment API (a client can be written from this):
 

@@ -26,7 +26,9 @@ def routing_state(farm):
         return farm.world.run("site", argv).stdout
     return {
         "rules": run(["ip", "rule"]),
-        "routes": run(["ip", "route", "show", "table", "all"]),
+        # IPv4 only: links touch nothing else, and IPv6 link-local routes
+        # appear on their own some time after an interface comes up.
+        "routes": run(["ip", "-4", "route", "show", "table", "all"]),
         "iptables": iptables_rules(run(["iptables-save"])),
         "forward": run(["sysctl", "-n", "net.ipv4.ip_forward"]),
         "links": run(["ip", "-o", "link", "show"]).count("dl-"),
