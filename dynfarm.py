@@ -1032,6 +1032,7 @@ LINK_NET = ipaddress.IPv4Network("169.254.64.0/18")  # a /30 per link, by its in
 VXLAN_PORT = 4789
 PEER_DEVICE = "dl-dynfarm"                          # the link device on the linked host
 FORWARD_CHAIN = "DYNFARM-FWD"
+INPUT_CHAIN = "DYNFARM-IN"
 MSS_CHAIN = "DYNFARM-MSS"
 
 
@@ -1136,6 +1137,14 @@ def firewall_steps(config):
         rules += [["-i", vpn, "-o", vpn, "-j", "DROP"], ["-i", vpn, "-j", "ACCEPT"], ["-o", vpn, "-j", "ACCEPT"]]
     rules += [["-i", vpn, "-j", "DROP"], ["-o", vpn, "-j", "DROP"]]
     plan = chain_steps("filter", FORWARD_CHAIN, rules)
+    # The VPN server is a site host too: from the VMs it answers only the
+    # enrollment port (the client's tunnel probe, re-enrollment) and ping, and
+    # what answers connections the site opened (remote_control's ssh).
+    plan += chain_steps("filter", INPUT_CHAIN, [
+        ["-i", vpn, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+        ["-i", vpn, "-p", "tcp", "--dport", str(config.listen_port), "-j", "ACCEPT"],
+        ["-i", vpn, "-p", "icmp", "--icmp-type", "echo-request", "-j", "ACCEPT"],
+        ["-i", vpn, "-j", "DROP"]], hook="INPUT")
     # Tunnels inside tunnels: clamp TCP's MSS to the path MTU of the way out,
     # so bulk transfers never depend on ICMP 'fragmentation needed' getting back.
     clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--clamp-mss-to-pmtu"]
@@ -1143,11 +1152,12 @@ def firewall_steps(config):
     return plan
 
 
-def chain_steps(table, chain, rules):
+def chain_steps(table, chain, rules, hook="FORWARD"):
+    """A chain of ours, filled, then jumped to first from the built-in hook."""
     ipt = ["iptables", "-w", "-t", table]
     plan = [step(ipt + ["-N", chain], ipt + ["-X", chain])]
     plan += [step(ipt + ["-A", chain] + rule, ipt + ["-D", chain] + rule) for rule in rules]
-    plan.append(step(ipt + ["-I", "FORWARD", "1", "-j", chain], ipt + ["-D", "FORWARD", "-j", chain]))
+    plan.append(step(ipt + ["-I", hook, "1", "-j", chain], ipt + ["-D", hook, "-j", chain]))
     return plan
 
 

@@ -127,6 +127,17 @@ def test_second_up_changes_nothing(linked):
     assert routing_state(farm) == before
 
 
+def test_the_vpn_server_answers_vms_only_on_the_enrollment_port(linked):
+    farm, addresses, _ = linked
+    assert transfer(farm, "site", "site", "10.8.0.1", port=5010) is not None         # it does listen
+    assert transfer(farm, "vm1", "site", "10.8.0.1", port=5012) is None              # not for VMs
+    probe = farm.world.run("vm1", ["python3", "-c", "import socket; socket.create_connection(('10.8.0.1', 8443), 3)"],
+                           check=False)
+    assert probe.returncode == 0, probe.stderr                                        # enrollment port open
+    done = farm.dynfarm("remote_control", "-p", "aruba", "run", "--", "true", check=False)
+    assert done.returncode == 0, done.stderr                        # the site's own ssh still gets its answers
+
+
 def test_down_restores_routing_and_firewall_exactly(linked):
     farm, addresses, before = linked
     assert "links down" in farm.dynfarm("links", "down").stdout
