@@ -39,6 +39,7 @@ import base64
 import configparser
 import dataclasses
 import datetime
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -804,7 +805,7 @@ class PKI:
             self.make_server_cert(public_address)
             added.append(f"renewed server certificate for {public_address}, close to expiry (pki/server.crt)")
         if not os.path.exists(self.path("crl.pem")):
-            self.write_crl([])
+            self.write_crl()
             added.append("empty revocation list (pki/crl.pem)")
         return added
 
@@ -853,11 +854,16 @@ class PKI:
             "basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyAgreement",
             "extendedKeyUsage=clientAuth"])
 
-    def write_crl(self, revoked_rows):
-        """Regenerate crl.pem from the store's revoked hosts (openssl ca's index format)."""
-        with self.lock:
+    def write_crl(self, store=None):
+        """Regenerate crl.pem from the store's revoked hosts (openssl ca's index format).
+
+        Under a file lock: two 'revoke' runs at once must not each write a
+        list that lacks the other's host.
+        """
+        with self.lock, open(self.path("crl.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             lines = []
-            for row in revoked_rows:
+            for row in store.revoked() if store else []:    # read under the lock
                 when = datetime.datetime.utcfromtimestamp(row["revoked_at"]).strftime("%y%m%d%H%M%SZ")
                 lines.append(f"R\t991231235959Z\t{when}\t{row['serial'].upper()}\tunknown\t/CN={row['name']}\n")
             write_file(self.path("index.txt"), "".join(lines), 0o600)
@@ -2440,8 +2446,17 @@ class FanOut:
             self.selector.unregister(key.fileobj)
             key.fileobj.close()
             self.flush(job, stream)
+        self.reap()
+
+    def reap(self):
+        """End the jobs whose process exited and whose output is all read;
+        a child that closed its pipes but lives on is polled, not waited for."""
+        for job in list(self.running.values()):
             if job.proc.stdout.closed and job.proc.stderr.closed:
-                self.end(job, job.proc.wait())
+                try:
+                    self.end(job, job.proc.wait(timeout=0.05))   # it exits just after closing them
+                except subprocess.TimeoutExpired:
+                    pass
 
     def take(self, job, stream, data):
         kept = getattr(job, stream)
@@ -2697,7 +2712,7 @@ def cmd_revoke(args, config):
     with store.transaction():
         store.revoke(host["name"])
     remove_ccd(config, host["provider"], host["name"])
-    PKI(config.state("pki")).write_crl(store.revoked())
+    PKI(config.state("pki")).write_crl(store)
     kicked = management_command(config, host["provider"], f"kill {host['name']}")
     print(f"revoked {host['name']}" + ("; its VPN session was ended" if kicked and
                                        any(line.startswith("SUCCESS") for line in kicked) else ""))

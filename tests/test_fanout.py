@@ -87,3 +87,11 @@ def test_ssh_options_never_prompt_nor_trust_on_first_use(site):
 @pytest.mark.parametrize("stamp, text", [(None, "-"), (100, "40s ago"), (0, "2m ago")])
 def test_ago(stamp, text):
     assert dynfarm.ago(stamp, now=140) == text
+
+
+def test_a_child_that_closes_its_output_and_lingers_still_meets_its_timeout():
+    started = time.monotonic()
+    jobs = jobs_for({"lingers": "exec >&- 2>&-; sleep 5", "quick": "sleep 0.2; echo hi"})
+    dynfarm.FanOut(jobs, 2, 1.0).run()
+    assert {j.host: j.status for j in jobs} == {"lingers": "timeout", "quick": "ok"}
+    assert time.monotonic() - started < 4
