@@ -159,3 +159,26 @@ def test_reuse_keeps_one_connection_per_host(farm):
     assert second.returncode == 0
     # the same sshd session process served both: the connection was reused
     assert first.stdout == second.stdout
+
+
+def test_progress_line_on_a_terminal_only(farm):
+    """Runs over a second show 'N/M done' on a terminal's stderr, never in a pipe."""
+    import pty
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(farm.world.argv("site", rc_argv(farm, "-w", "aruba-0002", "run", "--", "sleep 1.6")),
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    proc.wait(timeout=30)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert b"0/1 done, 0 failed" in seen
+    piped = rc(farm, "-w", "aruba-0002", "run", "--", "sleep 1.6")
+    assert "done," not in piped.stderr and piped.returncode == 0
