@@ -7,8 +7,10 @@ that is down, a host key that changed, a command that hangs.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -153,12 +155,17 @@ def test_interrupt_ends_children_and_prints_a_partial_summary(farm):
 
 
 def test_reuse_keeps_one_connection_per_host(farm):
-    first = rc(farm, "-w", "aruba-0002", "--reuse", "run", "--", "echo $PPID")
-    assert first.returncode == 0, first.stderr
-    second = rc(farm, "-w", "aruba-0002", "--reuse", "run", "--", "echo $PPID")
-    assert second.returncode == 0
-    # the same sshd session process served both: the connection was reused
-    assert first.stdout == second.stdout
+    # control sockets under a short TMPDIR of the test's own, not the machine's /tmp
+    tmp = tempfile.mkdtemp(prefix="dfcm")
+    try:
+        runs = [farm.world.run("site", rc_argv(farm, "-w", "aruba-0002", "--reuse", "run", "--", "echo $PPID"),
+                               check=False, env={"TMPDIR": tmp}) for _ in range(2)]
+        assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+        assert os.listdir(os.path.join(tmp, f"dynfarm-ssh-{os.getuid()}"))
+        # the same sshd session process served both: the connection was reused
+        assert runs[0].stdout == runs[1].stdout
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_progress_line_on_a_terminal_only(farm):
