@@ -948,8 +948,8 @@ def openvpn_server_config(config, provider):
 
 def openvpn_client_config(config, provider, certificate):
     """What the VM runs; the client adds its own 'key' line (the key never travels)."""
-    ca = read_text(config.state("pki", "ca.crt")).strip()
-    tls_crypt = read_text(config.state("openvpn", provider.name + ".tlscrypt")).strip()
+    ca = static_text(config.state("pki", "ca.crt")).strip()
+    tls_crypt = static_text(config.state("openvpn", provider.name + ".tlscrypt")).strip()
     return "\n".join([
         "client",
         "dev tap" if config.mode == "bridged" else "dev tun",
@@ -973,6 +973,13 @@ def openvpn_client_config(config, provider, certificate):
         f"<cert>\n{certificate.strip()}\n</cert>",
         f"<tls-crypt>\n{tls_crypt}\n</tls-crypt>",
     ]) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def static_text(path):
+    """A file init writes once and never rewrites (the CA, a tls-crypt key):
+    read once per process, not once per enrollment."""
+    return read_text(path)
 
 
 def write_ccd(config, provider, name, address):
@@ -2322,13 +2329,15 @@ def ago(stamp, now=None):
     return f"{seconds}s ago"
 
 
-def known_hosts(store, providers=None):
-    """known_hosts lines from the host keys the VMs sent at enrollment."""
-    lines = []
-    for host in store.hosts(providers):
-        for key in json.loads(host["host_keys"]):
-            lines.append(f"{host['address']} {key}")
-    return "".join(line + "\n" for line in lines)
+def known_hosts(store):
+    """known_hosts text for every host, from the keys the VMs sent at enrollment."""
+    return known_hosts_lines({"address": h["address"], "host_keys": json.loads(h["host_keys"])}
+                             for h in store.hosts())
+
+
+def known_hosts_lines(rows):
+    """known_hosts text for rows with an address and a list of host keys."""
+    return "".join(f"{row['address']} {key}\n" for row in rows for key in row["host_keys"])
 
 
 # --- ssh, scp and the fan-out ---
@@ -2877,7 +2886,7 @@ def remote_action(config, args, make_argv):
         raise Fatal("no connected host selected (see 'remote_control list'; --all tries the others too)")
     # A file per run: two runs at once must not rewrite each other's.
     with tempfile.NamedTemporaryFile("w", dir=config.state("run"), prefix="known_hosts.") as known:
-        known.write("".join(f"{r['address']} {key}\n" for r in rows for key in r["host_keys"]))
+        known.write(known_hosts_lines(rows))
         known.flush()
         return fan_out(rows, make_argv, ssh_options(config, args, known.name), args)
 
