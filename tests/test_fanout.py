@@ -5,6 +5,8 @@ checked is the bounded parallelism, streaming, timeouts and the verdicts.
 """
 
 import argparse
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -69,8 +71,11 @@ def test_summary_always_names_the_four_main_verdicts():
     assert dynfarm.summary_line([]) == "0 ok, 0 failed, 0 unreachable, 0 timed out"
 
 
-def test_ssh_options_never_prompt_nor_trust_on_first_use(site):
+def test_ssh_options_never_prompt_nor_trust_on_first_use(site, monkeypatch, request):
     config, _, _ = site
+    short = tempfile.mkdtemp(prefix="dfcm")            # --reuse makes its socket dir here, not in /tmp
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    monkeypatch.setattr(tempfile, "tempdir", short)
     args = argparse.Namespace(connect_timeout=3.0, reuse=False)
     options = dynfarm.ssh_options(config, args, "/tmp/kh")
     pairs = {options[i + 1] for i, o in enumerate(options) if o == "-o"}
