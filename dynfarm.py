@@ -537,6 +537,11 @@ class Store:
     def use_token(self, token_id, count=1):
         self.db.execute("UPDATE tokens SET uses_left = uses_left - ? WHERE id = ?", (count, token_id))
 
+    def spend_token(self, token_id, now):
+        """Take one use if the token is still valid; False if it is not."""
+        return self.db.execute("UPDATE tokens SET uses_left = uses_left - 1 "
+                               "WHERE id = ? AND uses_left > 0 AND expires_at > ?", (token_id, now)).rowcount == 1
+
     # hosts
     def host(self, name):
         return self.db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
@@ -548,8 +553,8 @@ class Store:
         rows = self.db.execute("SELECT * FROM hosts ORDER BY provider, seq").fetchall()
         return [r for r in rows if not providers or r["provider"] in providers]
 
-    def used_addresses(self):
-        return {row[0] for row in self.db.execute("SELECT address FROM hosts")}
+    def address_taken(self, address):
+        return self.db.execute("SELECT 1 FROM hosts WHERE address = ?", (address,)).fetchone() is not None
 
     def next_seq(self, provider):
         row = self.db.execute("SELECT MAX(seq) FROM hosts WHERE provider = ?", (provider,)).fetchone()
@@ -564,11 +569,13 @@ class Store:
         self.db.execute("DELETE FROM hosts WHERE name = ?", (name,))
 
     def record_enrollment(self, name, serial, machine_id, hostname, host_keys, facts, version):
+        """False if the host is revoked (or gone): then nothing is recorded."""
         now = time.time()
-        self.db.execute("UPDATE hosts SET serial = ?, machine_id = ?, hostname = ?, host_keys = ?, facts = ?, "
-                        "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ?",
-                        (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts),
-                         version, now, now, name))
+        return self.db.execute(
+            "UPDATE hosts SET serial = ?, machine_id = ?, hostname = ?, host_keys = ?, facts = ?, "
+            "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ? AND revoked_at IS NULL",
+            (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now, name),
+        ).rowcount == 1
 
     def record_report(self, name, report):
         self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
@@ -682,12 +689,14 @@ def bridge_interface(bridge):
     return ipaddress.IPv4Interface(fields[fields.index("inet") + 1])
 
 
-def allocate_address(provider, seg, used):
-    """The lowest free address of the provider's segment."""
-    taken = {int.from_bytes(socket.inet_aton(a), "big") for a in used}
-    for number in range(seg.first, seg.last + 1):
-        if number not in taken:
-            return str(ipaddress.IPv4Address(number))
+def allocate_address(provider, seg, taken, start=0):
+    """The first free address of the provider's segment from address number
+    start on, else the lowest free one; taken(address) says if one is in use."""
+    start = min(max(start, seg.first), seg.last)
+    for number in itertools.chain(range(start, seg.last + 1), range(seg.first, start)):
+        address = str(ipaddress.IPv4Address(number))
+        if not taken(address):
+            return address
     raise RequestError(503, f"provider {provider.name}: no free address left in {seg.describe()}")
 
 
@@ -983,8 +992,24 @@ def static_text(path):
 
 
 def write_ccd(config, provider, name, address):
+    """The host's entry: its static address.
+
+    A new entry is written in place, which costs a third of a temp file and
+    a rename: OpenVPN reads it only when the host connects, and the host has
+    no certificate to connect with until its enrollment answer. A changed
+    entry is replaced atomically; an unchanged one (every reboot) is left be.
+    """
     path = config.state("ccd", provider.name, name)
-    write_file(path, f"ifconfig-push {address} {segment(config, provider).netmask}\n", 0o644)
+    entry = f"ifconfig-push {address} {segment(config, provider).netmask}\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if read_text(path) != entry:
+            write_file(path, entry, 0o644)
+        return
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o644)
+        f.write(entry)
 
 
 def remove_ccd(config, provider_name, name):
@@ -1302,6 +1327,7 @@ class App:
         self.pki = pki
         self.source = read_own_source()
         self.version = hashlib.sha256(self.source).hexdigest()
+        self.free_from = {}    # provider -> lowest address number that may be free
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
             ("GET", "/v1/client"): self.client_download,
@@ -1340,22 +1366,24 @@ class App:
         pubkey = key_id(csr_public_key(fields["csr"]))
         provider, token_id = self.identify(request, fields, pubkey)
         host, created = self.reserve_host(provider, pubkey, token_id, fields)
-        # Signing (a few ms of openssl) runs outside the write lock, so
-        # enrollments sign in parallel; a refused CSR undoes the reservation.
+        # Signing (a few ms of openssl) and the ccd entry stay outside the
+        # write lock, so enrollments overlap; a failure undoes the reservation.
         try:
             serial, certificate = self.pki.sign_client(fields["csr"], host["name"])
+            write_ccd(self.config, provider, host["name"], host["address"])
+            with self.store.transaction():
+                recorded = self.store.record_enrollment(host["name"], serial, fields["machine_id"],
+                                                        fields["hostname"], fields["host_keys"],
+                                                        fields["facts"], version)
         except BaseException:
             if created:
-                self.release_host(host["name"], token_id)
+                self.release_host(provider, host, token_id)
             raise
-        with self.store.transaction():
-            # A revoke may have landed while we signed: it wins.
-            if self.store.host(host["name"])["revoked_at"] is not None:
-                raise RequestError(403, f"host {host['name']} is revoked")
-            self.store.record_enrollment(host["name"], serial, fields["machine_id"], fields["hostname"],
-                                         fields["host_keys"], fields["facts"], version)
-            # before COMMIT: revoke removes the entry only after its own commit
-            write_ccd(self.config, provider, host["name"], host["address"])
+        if not recorded:
+            # A revoke landed while we signed: it wins, and keeps the host's
+            # row. Its removal of the ccd entry may have run before our write.
+            remove_ccd(self.config, provider.name, host["name"])
+            raise RequestError(403, f"host {host['name']} is revoked")
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
@@ -1374,15 +1402,17 @@ class App:
                     raise RequestError(403, f"this machine is enrolled with provider {host['provider']}, "
                                             f"not {provider.name}")
                 return host, False
-            check_token(self.store, fields.get("token", ""))   # again, under the lock
-            host = self.create_host(provider, pubkey, fields)
-            self.store.use_token(token_id)
-            return host, True
+            if not self.store.spend_token(token_id, time.time()):
+                check_token(self.store, fields.get("token", ""))   # raises, saying why
+                raise RequestError(401, "invalid enrollment token")
+            return self.create_host(provider, pubkey, fields), True
 
-    def release_host(self, name, token_id):
+    def release_host(self, provider, host, token_id):
+        remove_ccd(self.config, provider.name, host["name"])
         with self.store.transaction():
-            self.store.delete_host(name)
+            self.store.delete_host(host["name"])
             self.store.use_token(token_id, -1)
+            self.free_from[provider.name] = min(self.free_from.get(provider.name, 0), host["number"])
 
     def identify(self, request, fields, pubkey):
         """(provider, token id or None) for this request.
@@ -1431,9 +1461,14 @@ class App:
     def create_host(self, provider, pubkey, fields):
         seq = self.store.next_seq(provider.name)
         name = host_name(provider.name, seq)
-        address = allocate_address(provider, segment(self.config, provider), self.store.used_addresses())
+        # Addresses below free_from are taken (this process gave them out),
+        # so the search starts there: one lookup per enrollment, not a scan.
+        address = allocate_address(provider, segment(self.config, provider), self.store.address_taken,
+                                   self.free_from.get(provider.name, 0))
+        number = int(ipaddress.IPv4Address(address))
+        self.free_from[provider.name] = number
         self.store.add_host(name, provider.name, seq, address, pubkey, fields["machine_id"], fields["hostname"])
-        return self.store.host(name)
+        return {"name": name, "provider": provider.name, "address": address, "number": number}
 
     def enrollment_answer(self, provider, host, certificate):
         seg = segment(self.config, provider)
@@ -1592,6 +1627,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     server_version = "dynfarm"
     protocol_version = "HTTP/1.0"
+    # Buffered, so that an answer's head and body leave in one TLS record
+    # (the default writes each straight to the socket); finish() flushes.
+    wbufsize = 64 * 1024
 
     def do_GET(self):
         self.dispatch(b"")

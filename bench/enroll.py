@@ -18,13 +18,13 @@ import hashlib
 import json
 import os
 import resource
+import selectors
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,28 +102,83 @@ def signing_cpu(config, csrs, rounds=40):
     return (cpu_seconds() - started) / rounds
 
 
-def enroll(port, ctx, request):
-    """One enrollment over its own TLS connection; (status, address, seconds).
+class Enrollment:
+    """One enrollment over its own non-blocking TLS connection, driven by
+    drive(): connect, handshake, send the prebuilt request, read to EOF."""
 
-    Raw socket and a prebuilt request: the load generator shares the cores
-    with the server, so it should spend as little as it can.
-    """
-    started = time.monotonic()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=120) as raw:
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(request)
-                chunks = []
-                while True:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    def __init__(self, port, ctx, request):
+        self.request = request
+        self.started = time.monotonic()
+        self.chunks = []
+        self.result = None
+        raw = socket.socket()
+        raw.setblocking(False)
+        raw.connect_ex(("127.0.0.1", port))
+        self.tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+        self.step = self.handshake
+
+    def handshake(self):
+        self.tls.do_handshake()
+        self.step = self.send
+        return self.send()
+
+    def send(self):
+        while self.request:
+            self.request = self.request[self.tls.send(self.request):]
+        self.step = self.receive
+        return self.receive()
+
+    def receive(self):
+        while True:
+            chunk = self.tls.recv(65536)
+            if not chunk:
+                return self.finish()
+            self.chunks.append(chunk)
+
+    def finish(self):
+        head, _, body = b"".join(self.chunks).partition(b"\r\n\r\n")
         status = int(head.split(None, 2)[1])
-        return status, json.loads(body).get("address"), time.monotonic() - started
-    except (OSError, ValueError, IndexError) as e:
-        return repr(e), None, time.monotonic() - started
+        return status, json.loads(body).get("address"), time.monotonic() - self.started
+
+    def advance(self):
+        """Run as far as the socket allows; the selector event it waits for
+        next, or None once self.result is set."""
+        try:
+            self.result = self.step()
+            return None
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        except (OSError, ValueError, IndexError) as e:
+            self.result = repr(e), None, time.monotonic() - self.started
+            return None
+
+
+def drive(port, ctx, requests, timeout):
+    """All requests at once, from this one thread: the load generator shares
+    the cores with the server, and 500 client threads fighting for the GIL
+    would spend more CPU than the server's own Python does."""
+    selector = selectors.DefaultSelector()
+    pending = [Enrollment(port, ctx, request) for request in requests]
+    for e in pending:
+        selector.register(e.tls, selectors.EVENT_WRITE, e)   # writable once connected
+    left, deadline = len(pending), time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for key, _ in selector.select(1):
+            e = key.data
+            wanted = e.advance()
+            if wanted is None:
+                selector.unregister(e.tls)
+                e.tls.close()
+                left -= 1
+            elif wanted != key.events:
+                selector.modify(e.tls, wanted, e)
+    for e in pending:
+        if e.result is None:
+            e.result = "timed out", None, time.monotonic() - e.started
+            e.tls.close()
+    return [e.result for e in pending]
 
 
 def http_post(path, body):
@@ -137,6 +192,13 @@ def process_cpu(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def machine_idle():
+    """Seconds all cores spent idle so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
@@ -170,24 +232,16 @@ def main():
                     if time.monotonic() > deadline:
                         sys.exit("bench: the server did not start; see its log")
                     time.sleep(0.05)
+            os.sync()   # the keys just written must not be flushed on the clock
             cpu_before = process_cpu(server.pid)
             load_before = cpu_seconds()
-            gate = threading.Barrier(n + 1)
-            results = [None] * n
-
-            def worker(i):
-                gate.wait()
-                results[i] = enroll(port, ctx, bodies[i])
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-            for t in threads:
-                t.start()
+            idle_before = machine_idle()
             started = time.monotonic()
-            gate.wait()
-            for t in threads:
-                t.join(180)
+            results = drive(port, ctx, bodies, 180)
             elapsed = time.monotonic() - started
             own, children = (after - before for after, before in zip(process_cpu(server.pid), cpu_before))
             load = cpu_seconds() - load_before
+            idle = machine_idle() - idle_before
         finally:
             server.terminate()
             server.wait(10)
@@ -208,6 +262,7 @@ def main():
     print(f"server CPU:      {(own + children) * per:.1f} ms per enrollment: {own * per:.1f} ms in the server "
           f"process, {children * per:.1f} ms in openssl")
     print(f"load generator:  {load * per:.1f} ms CPU per enrollment (this process, on the same cores)")
+    print(f"idle:            {idle / (cores * elapsed):.0%} of the {cores} cores' time during the run")
     print(f"latency:         p50 {statistics.median(latencies) * 1000:.0f} ms, "
           f"p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1000:.0f} ms")
     print(f"floor:           {floor:.0f} enrollments/s = {cores} cores / "

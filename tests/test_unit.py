@@ -163,11 +163,28 @@ def test_allocate_lowest_free_skipping_server(site):
     provider = config.providers["other"]                    # 10.9.0.0/29
     seg = dynfarm.segment(config, provider)
     assert (seg.netmask, seg.server) == ("255.255.255.248", "10.9.0.1")
-    assert dynfarm.allocate_address(provider, seg, set()) == "10.9.0.2"
-    assert dynfarm.allocate_address(provider, seg, {"10.9.0.2", "10.9.0.4"}) == "10.9.0.3"
+    assert dynfarm.allocate_address(provider, seg, set().__contains__) == "10.9.0.2"
+    assert dynfarm.allocate_address(provider, seg, {"10.9.0.2", "10.9.0.4"}.__contains__) == "10.9.0.3"
     with pytest.raises(dynfarm.RequestError, match="no free address left in 10.9.0.2-10.9.0.6") as e:
-        dynfarm.allocate_address(provider, seg, {f"10.9.0.{i}" for i in range(2, 7)})
+        dynfarm.allocate_address(provider, seg, {f"10.9.0.{i}" for i in range(2, 7)}.__contains__)
     assert e.value.status == 503
+
+
+def test_allocation_starts_at_the_hint_and_wraps_around(site):
+    config, _, _ = site
+    provider = config.providers["other"]                    # 10.9.0.2 - 10.9.0.6
+    seg = dynfarm.segment(config, provider)
+    number = int(dynfarm.ipaddress.IPv4Address("10.9.0.4"))
+    asked = []
+
+    def taken(address):
+        asked.append(address)
+        return address in {"10.9.0.3", "10.9.0.4"}
+    assert dynfarm.allocate_address(provider, seg, taken, number) == "10.9.0.5"
+    assert asked == ["10.9.0.4", "10.9.0.5"]       # one lookup per taken address, no scan
+    # Past the end it goes round: an address freed below the hint is found.
+    taken = {"10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"}.__contains__
+    assert dynfarm.allocate_address(provider, seg, taken, number) == "10.9.0.2"
 
 
 def test_bridged_segment_comes_from_the_pool_and_the_bridge(site, monkeypatch):
@@ -177,7 +194,7 @@ def test_bridged_segment_comes_from_the_pool_and_the_bridge(site, monkeypatch):
     monkeypatch.setattr(dynfarm, "bridge_interface", lambda name: dynfarm.ipaddress.IPv4Interface("10.10.0.1/24"))
     seg = dynfarm.segment(config, config.providers["aruba"])
     assert (seg.netmask, seg.server, seg.describe()) == ("255.255.255.0", "10.10.0.1", "10.10.0.100-10.10.0.101")
-    assert dynfarm.allocate_address(config.providers["aruba"], seg, {"10.10.0.100"}) == "10.10.0.101"
+    assert dynfarm.allocate_address(config.providers["aruba"], seg, {"10.10.0.100"}.__contains__) == "10.10.0.101"
     text = dynfarm.openvpn_server_config(config, config.providers["aruba"])
     assert "dev-type tap" in text and 'push "route-gateway 10.10.0.1"' in text
     assert "ifconfig " not in text and "topology" not in text
@@ -674,6 +691,39 @@ def test_a_revoke_landing_while_signing_wins(app, make_csr, monkeypatch):
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
     assert status == 403 and "revoked" in answer["error"]
     assert not os.path.exists(app.config.state("ccd", "aruba", name))
+
+
+def test_a_revoke_of_a_new_host_while_signing_keeps_its_row_and_token_use(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    sign = app.pki.sign_client
+
+    def sign_then_revoke(csr_pem, host):
+        result = sign(csr_pem, host)
+        with app.store.transaction():
+            app.store.revoke(host)
+        return result
+    monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert status == 403 and "revoked" in answer["error"]
+    (host,) = app.store.hosts()
+    assert host["revoked_at"] is not None      # not released: the revoke stands
+    assert dynfarm.check_token(app.store, token)["uses_left"] == 1
+    assert not os.path.exists(app.config.state("ccd", "aruba", host["name"]))
+
+
+def test_ccd_entry_is_written_once_and_replaced_when_it_changes(site):
+    config, _, _ = site
+    provider = config.providers["aruba"]
+    path = config.state("ccd", "aruba", "aruba-0001")
+    dynfarm.write_ccd(config, provider, "aruba-0001", "10.8.0.2")
+    first = os.stat(path)
+    assert open(path).read() == "ifconfig-push 10.8.0.2 255.255.255.0\n"
+    assert dynfarm.stat.S_IMODE(first.st_mode) == 0o644
+    dynfarm.write_ccd(config, provider, "aruba-0001", "10.8.0.2")   # a reboot: left be
+    assert os.stat(path).st_ino == first.st_ino
+    dynfarm.write_ccd(config, provider, "aruba-0001", "10.8.0.3")
+    assert open(path).read() == "ifconfig-push 10.8.0.3 255.255.255.0\n"
+    assert os.stat(path).st_ino != first.st_ino                      # replaced, not rewritten in place
 
 
 def test_openssl_failure_is_not_blamed_on_the_request(site, make_csr, monkeypatch):
