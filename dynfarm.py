@@ -1007,9 +1007,11 @@ def write_ccd(config, provider, name, address):
         if read_text(path) != entry:
             write_file(path, entry, 0o644)
         return
-    with os.fdopen(fd, "w") as f:
+    try:
         os.fchmod(fd, 0o644)
-        f.write(entry)
+        os.write(fd, entry.encode())
+    finally:
+        os.close(fd)
 
 
 def remove_ccd(config, provider_name, name):
@@ -1501,14 +1503,35 @@ def customization(config, provider):
     keys = []
     for path in config.ssh_keys:
         try:
-            keys += [line.strip() for line in read_text(path).splitlines() if line.strip()]
+            keys += [line.strip() for line in current_bytes(path).decode().splitlines() if line.strip()]
         except OSError as e:
             raise RequestError(503, f"site ssh key {path} unreadable: {e.strerror}")
     return {
         "ssh_keys": keys,
         "files": tree_files(provider.files) if provider.files else [],
-        "commands": [{"name": os.path.basename(p), "script": read_text(p)} for p in provider.commands],
+        "commands": [{"name": os.path.basename(p), "script": current_bytes(p).decode()} for p in provider.commands],
     }
+
+
+FILE_CACHE = {}
+
+
+def current_bytes(path, st=None):
+    """A file's content, read again only when its stat changes.
+
+    Every enrollment sends the customization, and admins edit it while the
+    server runs: a stat per file is the price of both. (Each open and read
+    also hands the interpreter lock to one of the other request threads.)
+    """
+    st = st or os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = FILE_CACHE.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with open(path, "rb") as f:
+        data = f.read()
+    FILE_CACHE[path] = (key, data)
+    return data
 
 
 def tree_files(root):
@@ -1527,8 +1550,7 @@ def tree_files(root):
                 entry["type"] = "dir"
             elif stat.S_ISREG(st.st_mode):
                 entry["type"] = "file"
-                with open(path, "rb") as f:
-                    entry["data"] = base64.b64encode(f.read()).decode()
+                entry["data"] = base64.b64encode(current_bytes(path, st)).decode()
             else:
                 continue
             entries.append(entry)
