@@ -1751,17 +1751,18 @@ class TLSServer(http.server.ThreadingHTTPServer):
             raise
 
     def finish_request(self, sock, client_address):
-        # request_timeout bounds each read and, through the timer, the whole
-        # request: a client trickling a byte at a time is cut off all the same.
-        sock.settimeout(self.request_timeout)
-        self.watchdog.watch(sock, self.request_timeout)
+        # One deadline for the whole request, handshake included: the
+        # watchdog shuts the socket when it passes, which ends whatever read
+        # or write is blocked on it. So the socket stays blocking: a timeout
+        # on it would add a poll() to every read and write.
         try:
-            conn = self.tls.wrap_socket(sock, server_side=True)
-        except (ssl.SSLError, OSError):
-            self.watchdog.forget(sock)
+            conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            sock.close()
             return
-        self.watchdog.watch(conn, self.request_timeout, replacing=sock)
+        self.watchdog.watch(conn, self.request_timeout)
         try:
+            conn.do_handshake()
             self.RequestHandlerClass(conn, client_address, self)
         except OSError:
             pass   # the peer went away or was too slow: nothing to answer
@@ -1785,10 +1786,9 @@ class Watchdog:
         self.lock = threading.Lock()
         threading.Thread(target=self.loop, daemon=True, name="dynfarm-watchdog").start()
 
-    def watch(self, sock, seconds, replacing=None):
+    def watch(self, sock, seconds):
         with self.lock:
-            started = self.deadlines.pop(replacing, None) if replacing is not None else None
-            self.deadlines[sock] = started or time.monotonic() + seconds
+            self.deadlines[sock] = time.monotonic() + seconds
 
     def forget(self, sock):
         with self.lock:

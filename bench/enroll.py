@@ -318,7 +318,8 @@ def report(i, r, n):
     print(f"  floor:           {r['floor']:.0f} enrollments/s = {os.cpu_count()} cores / ({r['hs'] * 1000:.2f} ms "
           f"TLS handshake + {r['sig'] * 1000:.2f} ms signing), mean of before and after the round")
     print(f"  reference:       {ref['rate']:.0f} enrollments/s ({ref['ok']} ok) for the path built by hand, "
-          f"server CPU {(ref['own'] + ref['children']) * 1000 / max(ref['ok'], 1):.1f} ms per enrollment")
+          f"server CPU {(ref['own'] + ref['children']) * 1000 / max(ref['ok'], 1):.1f} ms per enrollment, "
+          f"cores idle {ref['idle'] / (os.cpu_count() * ref['elapsed']):.0%}")
     print(f"  ratio:           {r['rate'] / r['floor']:.0%} of the floor; reference {ref['rate'] / r['floor']:.0%}")
 
 

@@ -117,6 +117,28 @@ def test_no_tls_handshake_does_not_block_the_server(server):
         assert idle.recv(1024) == b""           # closed after request_timeout
 
 
+def test_a_client_trickling_its_tls_handshake_is_cut_off_at_the_deadline(server):
+    """The deadline covers the handshake too, not only the request after it."""
+    httpd, ctx, _ = server
+    hello_out = ssl.MemoryBIO()
+    client = ctx.wrap_bio(ssl.MemoryBIO(), hello_out, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = hello_out.read()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=30) as sock:
+        with pytest.raises(OSError):
+            for byte in hello:        # each byte well within any per-read timeout
+                sock.sendall(bytes([byte]))
+                time.sleep(0.25)
+                if time.monotonic() - started > 8:
+                    break
+            if sock.recv(1) == b"":   # closed by the server while we trickled
+                raise ConnectionResetError
+    assert time.monotonic() - started < 8          # request_timeout is 2 s here
+    assert healthy(httpd, ctx)
+
+
 def test_untrusted_client_certificate_is_refused(server, tmp_path):
     httpd, ctx, _ = server
     key, crt = str(tmp_path / "k.pem"), str(tmp_path / "c.pem")
