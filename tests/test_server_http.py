@@ -139,6 +139,20 @@ def test_a_client_trickling_its_tls_handshake_is_cut_off_at_the_deadline(server)
     assert healthy(httpd, ctx)
 
 
+def test_no_session_tickets_are_issued(server):
+    """Nobody resumes: tickets would be made and parsed on every connection for nothing."""
+    httpd, ctx, _ = server
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as sock:
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == "TLSv1.3"
+            tls.sendall(b"GET /v1/health HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):     # tickets, if any, arrive before the answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.0 200")
+            assert tls.session is None or not tls.session.has_ticket
+
+
 def test_untrusted_client_certificate_is_refused(server, tmp_path):
     httpd, ctx, _ = server
     key, crt = str(tmp_path / "k.pem"), str(tmp_path / "c.pem")
