@@ -10,8 +10,12 @@ measured in the same run:
     floor = cores / (server CPU of one TLS handshake + CPU of one signing call)
 
 i.e. what the server could do if it spent nothing but the two costs it cannot
-avoid. The floor is measured before and after each round, the figure is the
-mean: this machine's speed drifts by a tenth from one minute to the next.
+avoid. The handshake and the signing call are measured apart, before and
+after each round (the mean is used): this machine's speed drifts by a tenth
+from one minute to the next. The in-round floor takes openssl's share of
+the signing call from the round itself (the server's reaped children), so
+it is measured at the same moment as the throughput; its ratio moves by a
+point or two between rounds where the other moves by ten.
 
 Beside it, in the same round and with the same load generator, a reference:
 the same path built by hand (TLS, one signing call, no HTTP library, no
