@@ -677,11 +677,21 @@ class Segment:
 
 def segment(config, provider):
     if config.mode == "bridged":
-        lan = bridge_interface(config.bridge)
-        return Segment(provider.bridge_pool[0], provider.bridge_pool[1], str(lan.netmask), str(lan.ip))
-    net = provider.vpn_subnet
+        return bridged_segment(config.bridge, provider.bridge_pool)
+    return routed_segment(provider.vpn_subnet, provider.server_address)
+
+
+# Cached: every enrollment asks, and the answer depends on these values alone.
+@functools.lru_cache(maxsize=None)
+def bridged_segment(bridge, pool):
+    lan = bridge_interface(bridge)
+    return Segment(pool[0], pool[1], str(lan.netmask), str(lan.ip))
+
+
+@functools.lru_cache(maxsize=None)
+def routed_segment(net, server_address):
     return Segment(int(net.network_address) + 2, int(net.broadcast_address) - 1, str(net.netmask),
-                   str(provider.server_address))
+                   str(server_address))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1370,7 +1380,7 @@ class App:
             self.identify(request, validate_update_request(fields), None)
             return 200, {"status": "update", "sha256": self.version, "url": "/v1/client"}, {}
         fields = validate_enroll_request(fields)
-        pubkey = key_id(csr_public_key(fields["csr"]))
+        pubkey = csr_key_id(fields["csr"])
         provider, token_id = self.identify(request, fields, pubkey)
         host, created = self.reserve_host(provider, pubkey, token_id, fields)
         # Signing (a few ms of openssl) and the ccd entry stay outside the
@@ -1629,11 +1639,15 @@ def validate_enroll_request(fields):
         if len(name) > 32 or not isinstance(value, (str, int, float)) or len(str(value)) > 256 \
                 or (isinstance(value, float) and not math.isfinite(value)):
             raise RequestError(400, "field 'facts' must map short names to short values")
+    return fields
+
+
+def csr_key_id(csr_pem):
+    """key_id of a request's CSR; a malformed CSR is the client's error."""
     try:
-        csr_public_key(fields["csr"])
+        return key_id(csr_public_key(csr_pem))
     except ValueError as e:
         raise RequestError(400, f"field 'csr': {e}")
-    return fields
 
 
 REPORT_FIELDS = {"ok": (bool, True, 0), "steps": (list, True, 256), "ready_seconds": (float, True, 0)}
