@@ -1381,8 +1381,7 @@ class App:
             return 200, {"status": "update", "sha256": self.version, "url": "/v1/client"}, {}
         fields = validate_enroll_request(fields)
         pubkey = csr_key_id(fields["csr"])
-        provider, token_id = self.identify(request, fields, pubkey)
-        host, created = self.reserve_host(provider, pubkey, token_id, fields)
+        provider, host, token_id, created = self.reserve_host(request, fields, pubkey)
         # Signing (a few ms of openssl) and the ccd entry stay outside the
         # write lock, so enrollments overlap; a failure undoes the reservation.
         try:
@@ -1404,25 +1403,22 @@ class App:
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
-    def reserve_host(self, provider, pubkey, token_id, fields):
-        """(host row, created?): the machine's record, made (and a token use spent) if new.
+    def reserve_host(self, request, fields, pubkey):
+        """(provider, host row, token id, created?): the machine's record,
+        made (and a token use spent) if new.
 
         BEGIN IMMEDIATE takes the write lock before reading, so two
-        enrollments can never claim the same address or name.
+        enrollments can never claim the same address or name, nor both
+        find a machine unknown and make it twice.
         """
         with self.store.transaction():
-            host = self.store.host_by_key(pubkey)
+            provider, token_id, host = self.identify(request, fields, pubkey)
             if host is not None:
-                if host["revoked_at"] is not None:
-                    raise RequestError(403, f"host {host['name']} is revoked")
-                if host["provider"] != provider.name:
-                    raise RequestError(403, f"this machine is enrolled with provider {host['provider']}, "
-                                            f"not {provider.name}")
-                return host, False
+                return provider, host, None, False
             if not self.store.spend_token(token_id, time.time()):
                 check_token(self.store, fields.get("token", ""))   # raises, saying why
                 raise RequestError(401, "invalid enrollment token")
-            return self.create_host(provider, pubkey, fields), True
+            return provider, self.create_host(provider, pubkey, fields), token_id, True
 
     def release_host(self, provider, host, token_id):
         remove_ccd(self.config, provider.name, host["name"])
@@ -1432,18 +1428,20 @@ class App:
             self.free_from[provider.name] = min(self.free_from.get(provider.name, 0), host["number"])
 
     def identify(self, request, fields, pubkey):
-        """(provider, token id or None) for this request.
+        """(provider, token id, enrolled host) for this request; the token id
+        is None for an enrolled host, the host None for a new machine.
 
         An enrolled host is known by its key: from its client certificate
         (later boots), or from its CSR, whose self-signature the signing step
         verifies. Otherwise the token names the provider. Source networks are
         checked either way.
         """
-        known = self.store.host_by_key(pubkey) if pubkey else None
         if request.peer_cn:
             known = self.certified_host(request)
             if pubkey is not None and known["pubkey_sha256"] != pubkey:
                 raise RequestError(403, "certificate request key differs from the enrolled key")
+        else:
+            known = self.store.host_by_key(pubkey) if pubkey else None
         if known is not None:
             if known["revoked_at"] is not None:
                 raise RequestError(403, f"host {known['name']} is revoked")
@@ -1458,13 +1456,14 @@ class App:
         provider = self.config.providers[provider_name]
         wanted = fields.get("provider")
         if wanted and wanted != provider.name:
-            raise RequestError(403, f"this token belongs to provider {provider.name}, not {wanted}")
+            owner = "token belongs to" if known is None else "machine is enrolled with"
+            raise RequestError(403, f"this {owner} provider {provider.name}, not {wanted}")
         source = ipaddress.ip_address(request.peer_ip)
         if source.version == 6 and source.ipv4_mapped:    # an IPv4 client of a [::] listener
             source = source.ipv4_mapped
         if not any(source in net for net in provider.networks):
             raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
-        return provider, token_id
+        return provider, token_id, known
 
     def certified_host(self, request):
         """The host whose certificate the peer presented (CA-verified by TLS)."""

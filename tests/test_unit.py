@@ -321,6 +321,17 @@ def test_token_of_one_provider_cannot_join_another(app, make_csr):
     assert db_snapshot(app.store) == before
 
 
+def test_enrolled_machine_cannot_move_to_another_provider(app, make_csr):
+    aruba, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    other, _ = dynfarm.new_token(app.store, "other", 1, 60)
+    csr = make_csr()[1]
+    assert call(app, "/v1/enroll", enroll_body(aruba, csr))[0] == 200
+    before = db_snapshot(app.store)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(other, csr, provider="other"))
+    assert status == 403 and "machine is enrolled with provider aruba, not other" in answer["error"]
+    assert db_snapshot(app.store) == before
+
+
 def test_source_networks_are_enforced(site, make_csr):
     config, store, pki = site
     config.providers["aruba"].networks = [dynfarm.ipaddress.IPv4Network("192.0.2.0/24")]
