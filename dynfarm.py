@@ -1510,7 +1510,7 @@ class App:
         address = allocate_address(provider, segment(self.config, provider), self.store.address_taken,
                                    self.free_from.get(provider.name, 0))
         number = int(ipaddress.IPv4Address(address))
-        self.free_from[provider.name] = number
+        self.free_from[provider.name] = number + 1
         self.store.add_host(name, provider.name, seq, address, pubkey, enrollment)
         return {"name": name, "provider": provider.name, "address": address, "number": number}
 

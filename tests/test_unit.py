@@ -285,6 +285,17 @@ def test_certificate_identifies_a_host_without_token(app, make_csr):
     assert status == 403
 
 
+def test_a_new_host_costs_one_address_lookup(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 4, 60)
+    for _ in range(3):
+        assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 200
+    lookups = []
+    taken = app.store.address_taken
+    monkeypatch.setattr(app.store, "address_taken", lambda address: lookups.append(address) or taken(address))
+    answer = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]
+    assert lookups == [answer["address"]] == ["10.8.0.5"]
+
+
 def test_concurrent_enrollments_get_distinct_addresses(app, make_csr):
     token, _ = dynfarm.new_token(app.store, "aruba", 40, 60)
     csrs = [make_csr()[1] for _ in range(24)]
