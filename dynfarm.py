@@ -200,7 +200,7 @@ class Provider:
     vm_to_vm: bool   # may this provider's VMs reach each other
     bridge_pool: tuple = None   # bridged mode: (first, last) LAN addresses, as ints
 
-    @property
+    @functools.cached_property    # every enrollment asks
     def server_address(self):
         return next(self.vpn_subnet.hosts())
 
