@@ -565,30 +565,22 @@ class Store:
         row = self.db.execute("SELECT MAX(seq) FROM hosts WHERE provider = ?", (provider,)).fetchone()
         return (row[0] or 0) + 1
 
-    def add_host(self, name, provider, seq, address, pubkey_sha256, enrollment):
-        """A new host, with its first enrollment (see enrollment_record)."""
-        self.db.execute(
-            "INSERT INTO hosts (name, provider, seq, address, pubkey_sha256, serial, machine_id, hostname, "
-            "host_keys, facts, client_version, enrolled_at, last_seen) VALUES (:name, :provider, :seq, :address, "
-            ":pubkey_sha256, :serial, :machine_id, :hostname, :host_keys, :facts, :client_version, :enrolled_at, "
-            ":last_seen)",
-            dict(enrollment, name=name, provider=provider, seq=seq, address=address, pubkey_sha256=pubkey_sha256))
+    def add_host(self, name, provider, seq, address, pubkey_sha256, machine_id, hostname):
+        self.db.execute("INSERT INTO hosts (name, provider, seq, address, pubkey_sha256, machine_id, hostname) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, provider, seq, address, pubkey_sha256, machine_id, hostname))
 
     def delete_host(self, name):
         self.db.execute("DELETE FROM hosts WHERE name = ?", (name,))
 
-    def record_enrollment(self, name, enrollment):
+    def record_enrollment(self, name, serial, machine_id, hostname, host_keys, facts, version):
         """False if the host is revoked (or gone): then nothing is recorded."""
+        now = time.time()
         return self.db.execute(
-            "UPDATE hosts SET serial = :serial, machine_id = :machine_id, hostname = :hostname, "
-            "host_keys = :host_keys, facts = :facts, client_version = :client_version, "
-            "enrolled_at = :enrolled_at, last_seen = :last_seen WHERE name = :name AND revoked_at IS NULL",
-            dict(enrollment, name=name)).rowcount == 1
-
-    def is_revoked(self, name):
-        """Is the host revoked (or gone)?"""
-        row = self.db.execute("SELECT revoked_at FROM hosts WHERE name = ?", (name,)).fetchone()
-        return row is None or row[0] is not None
+            "UPDATE hosts SET serial = ?, machine_id = ?, hostname = ?, host_keys = ?, facts = ?, "
+            "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ? AND revoked_at IS NULL",
+            (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now, name),
+        ).rowcount == 1
 
     def record_report(self, name, report):
         self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
@@ -599,20 +591,6 @@ class Store:
 
     def revoked(self):
         return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
-
-
-def enrollment_record(serial, fields, version):
-    """The columns an enrollment sets, from a validated request."""
-    now = time.time()
-    return {"serial": serial, "machine_id": fields["machine_id"], "hostname": fields["hostname"],
-            "host_keys": json.dumps(fields["host_keys"]), "facts": json.dumps(fields["facts"]),
-            "client_version": version, "enrolled_at": now, "last_seen": now}
-
-
-def enrollment_of(host):
-    """The same columns as a host row holds them."""
-    return {column: host[column] for column in ("serial", "machine_id", "hostname", "host_keys", "facts",
-                                                "client_version", "enrolled_at", "last_seen")}
 
 
 class Transaction:
@@ -894,8 +872,9 @@ class PKI:
             raise Fatal("openssl signed a key other than the request's; refusing its certificate")
         return certificate
 
-    def sign_client(self, csr_pem, name, serial):
-        return self.sign(csr_pem, name, serial, [
+    def sign_client(self, csr_pem, name):
+        serial = new_serial()
+        return serial, self.sign(csr_pem, name, serial, [
             "basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyAgreement",
             "extendedKeyUsage=clientAuth"])
 
@@ -1402,19 +1381,21 @@ class App:
             return 200, {"status": "update", "sha256": self.version, "url": "/v1/client"}, {}
         fields = validate_enroll_request(fields)
         pubkey = csr_key_id(fields["csr"])
-        enrollment = enrollment_record(new_serial(), fields, version)
-        # The enrollment is recorded with the reservation, in one transaction:
-        # signing (a few ms of openssl) and the ccd entry stay outside the
-        # write lock, so enrollments overlap, and a failure (a CSR whose
-        # signature does not verify among them) undoes the reservation.
-        provider, host, token_id, created = self.reserve_host(request, fields, pubkey, enrollment)
+        provider, host, token_id, created = self.reserve_host(request, fields, pubkey)
+        # Signing (a few ms of openssl) and the ccd entry stay outside the
+        # write lock, so enrollments overlap; a failure undoes the reservation.
         try:
-            certificate = self.pki.sign_client(fields["csr"], host["name"], enrollment["serial"])
+            serial, certificate = self.pki.sign_client(fields["csr"], host["name"])
             write_ccd(self.config, provider, host["name"], host["address"])
+            with self.store.one_statement():
+                recorded = self.store.record_enrollment(host["name"], serial, fields["machine_id"],
+                                                        fields["hostname"], fields["host_keys"],
+                                                        fields["facts"], version)
         except BaseException:
-            self.undo_reservation(provider, host, token_id, created)
+            if created:
+                self.release_host(provider, host, token_id)
             raise
-        if self.store.is_revoked(host["name"]):
+        if not recorded:
             # A revoke landed while we signed: it wins, and keeps the host's
             # row. Its removal of the ccd entry may have run before our write.
             remove_ccd(self.config, provider.name, host["name"])
@@ -1422,10 +1403,9 @@ class App:
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
-    def reserve_host(self, request, fields, pubkey, enrollment):
-        """(provider, host, token id, created?): the machine's record with
-        the enrollment, made (and a token use spent) if new. For a known
-        machine, host is its row as it was before.
+    def reserve_host(self, request, fields, pubkey):
+        """(provider, host row, token id, created?): the machine's record,
+        made (and a token use spent) if new.
 
         BEGIN IMMEDIATE takes the write lock before reading, so two
         enrollments can never claim the same address or name, nor both
@@ -1434,19 +1414,11 @@ class App:
         with self.store.transaction():
             provider, token_id, host = self.identify(request, fields, pubkey)
             if host is not None:
-                self.store.record_enrollment(host["name"], enrollment)
                 return provider, host, None, False
             if not self.store.spend_token(token_id, time.time()):
                 check_token(self.store, fields.get("token", ""))   # raises, saying why
                 raise RequestError(401, "invalid enrollment token")
-            return provider, self.create_host(provider, pubkey, enrollment), token_id, True
-
-    def undo_reservation(self, provider, host, token_id, created):
-        if created:
-            self.release_host(provider, host, token_id)
-        else:
-            with self.store.one_statement():
-                self.store.record_enrollment(host["name"], enrollment_of(host))
+            return provider, self.create_host(provider, pubkey, fields), token_id, True
 
     def release_host(self, provider, host, token_id):
         remove_ccd(self.config, provider.name, host["name"])
@@ -1502,7 +1474,7 @@ class App:
             raise RequestError(403, f"host {host['name']} is revoked")
         return host
 
-    def create_host(self, provider, pubkey, enrollment):
+    def create_host(self, provider, pubkey, fields):
         seq = self.store.next_seq(provider.name)
         name = host_name(provider.name, seq)
         # Addresses below free_from are taken (this process gave them out),
@@ -1511,7 +1483,7 @@ class App:
                                    self.free_from.get(provider.name, 0))
         number = int(ipaddress.IPv4Address(address))
         self.free_from[provider.name] = number + 1
-        self.store.add_host(name, provider.name, seq, address, pubkey, enrollment)
+        self.store.add_host(name, provider.name, seq, address, pubkey, fields["machine_id"], fields["hostname"])
         return {"name": name, "provider": provider.name, "address": address, "number": number}
 
     def enrollment_answer(self, provider, host, certificate):

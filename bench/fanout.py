@@ -191,9 +191,8 @@ def make_site(tmp, n, host_key):
     with store.transaction():
         for seq, address in enumerate(addresses(n), 1):
             name = dynfarm.host_name("bench", seq)
-            enrollment = dynfarm.enrollment_record(f"{seq:x}", {"machine_id": f"machine{seq}", "hostname": name,
-                                                               "host_keys": [host_key], "facts": {}}, "bench")
-            store.add_host(name, "bench", seq, address, f"{seq:064x}", enrollment)
+            store.add_host(name, "bench", seq, address, f"{seq:064x}", f"machine{seq}", name)
+            store.record_enrollment(name, f"{seq:x}", f"machine{seq}", name, [host_key], {}, "bench")
     store.close()
     with open(os.path.join(base, "known_hosts"), "w") as f:
         f.writelines(f"{a} {host_key}\n" for a in addresses(n))
