@@ -565,22 +565,28 @@ class Store:
         row = self.db.execute("SELECT MAX(seq) FROM hosts WHERE provider = ?", (provider,)).fetchone()
         return (row[0] or 0) + 1
 
-    def add_host(self, name, provider, seq, address, pubkey_sha256, machine_id, hostname):
-        self.db.execute("INSERT INTO hosts (name, provider, seq, address, pubkey_sha256, machine_id, hostname) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (name, provider, seq, address, pubkey_sha256, machine_id, hostname))
+    def add_host(self, name, provider, seq, address, pubkey_sha256, enrollment):
+        """A new host, its enrollment (see enrollment_record) recorded at once."""
+        self.db.execute("INSERT INTO hosts (name, provider, seq, address, pubkey_sha256, serial, machine_id, "
+                        "hostname, host_keys, facts, client_version, enrolled_at, last_seen) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, provider, seq, address, pubkey_sha256) + enrollment)
 
-    def delete_host(self, name):
-        self.db.execute("DELETE FROM hosts WHERE name = ?", (name,))
+    def delete_unrevoked_host(self, name):
+        """False if the host is revoked: a revoked row stays, to keep refusing its machine."""
+        return self.db.execute("DELETE FROM hosts WHERE name = ? AND revoked_at IS NULL", (name,)).rowcount == 1
 
-    def record_enrollment(self, name, serial, machine_id, hostname, host_keys, facts, version):
+    def record_enrollment(self, name, enrollment):
         """False if the host is revoked (or gone): then nothing is recorded."""
-        now = time.time()
         return self.db.execute(
             "UPDATE hosts SET serial = ?, machine_id = ?, hostname = ?, host_keys = ?, facts = ?, "
             "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ? AND revoked_at IS NULL",
-            (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now, name),
-        ).rowcount == 1
+            enrollment + (name,)).rowcount == 1
+
+    def still_enrolled(self, name):
+        """True unless the host was revoked (or is gone)."""
+        row = self.db.execute("SELECT revoked_at FROM hosts WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] is None
 
     def record_report(self, name, report):
         self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
@@ -591,6 +597,12 @@ class Store:
 
     def revoked(self):
         return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
+
+
+def enrollment_record(serial, machine_id, hostname, host_keys, facts, version):
+    """The columns an enrollment sets, in the order Store's statements take them."""
+    now = time.time()
+    return (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now)
 
 
 class Transaction:
@@ -872,9 +884,8 @@ class PKI:
             raise Fatal("openssl signed a key other than the request's; refusing its certificate")
         return certificate
 
-    def sign_client(self, csr_pem, name):
-        serial = new_serial()
-        return serial, self.sign(csr_pem, name, serial, [
+    def sign_client(self, csr_pem, name, serial):
+        return self.sign(csr_pem, name, serial, [
             "basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyAgreement",
             "extendedKeyUsage=clientAuth"])
 
@@ -1381,16 +1392,16 @@ class App:
             return 200, {"status": "update", "sha256": self.version, "url": "/v1/client"}, {}
         fields = validate_enroll_request(fields)
         pubkey = csr_key_id(fields["csr"])
-        provider, host, token_id, created = self.reserve_host(request, fields, pubkey)
+        serial = new_serial()
+        enrollment = enrollment_record(serial, fields["machine_id"], fields["hostname"],
+                                       fields["host_keys"], fields["facts"], version)
+        provider, host, token_id, created = self.reserve_host(request, fields, pubkey, enrollment)
         # Signing (a few ms of openssl) and the ccd entry stay outside the
         # write lock, so enrollments overlap; a failure undoes the reservation.
         try:
-            serial, certificate = self.pki.sign_client(fields["csr"], host["name"])
+            certificate = self.pki.sign_client(fields["csr"], host["name"], serial)
             write_ccd(self.config, provider, host["name"], host["address"])
-            with self.store.one_statement():
-                recorded = self.store.record_enrollment(host["name"], serial, fields["machine_id"],
-                                                        fields["hostname"], fields["host_keys"],
-                                                        fields["facts"], version)
+            recorded = self.enrollment_stands(host["name"], created, enrollment)
         except BaseException:
             if created:
                 self.release_host(provider, host, token_id)
@@ -1403,9 +1414,9 @@ class App:
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
-    def reserve_host(self, request, fields, pubkey):
+    def reserve_host(self, request, fields, pubkey, enrollment):
         """(provider, host row, token id, created?): the machine's record,
-        made (and a token use spent) if new.
+        made with this enrollment in it (and a token use spent) if new.
 
         BEGIN IMMEDIATE takes the write lock before reading, so two
         enrollments can never claim the same address or name, nor both
@@ -1418,14 +1429,30 @@ class App:
             if not self.store.spend_token(token_id, time.time()):
                 check_token(self.store, fields.get("token", ""))   # raises, saying why
                 raise RequestError(401, "invalid enrollment token")
-            return provider, self.create_host(provider, pubkey, fields), token_id, True
+            return provider, self.create_host(provider, pubkey, enrollment), token_id, True
+
+    def enrollment_stands(self, name, created, enrollment):
+        """Record a signed enrollment; False if a revoke landed while we signed.
+
+        A new host's row holds the serial since its reservation, so a revoke
+        has listed the certificate about to be issued: one read tells. A known
+        host's row keeps the serial of the certificate it uses until the new
+        one exists, so that a revoke meanwhile lists the live one; the write
+        comes now, and finds the host still unrevoked or records nothing.
+        """
+        if created:
+            return self.store.still_enrolled(name)
+        with self.store.one_statement():
+            return self.store.record_enrollment(name, enrollment)
 
     def release_host(self, provider, host, token_id):
+        """Undo a new host's reservation after a failure. A revoke that landed
+        meanwhile stands: its row stays, and so does the token use."""
         remove_ccd(self.config, provider.name, host["name"])
         with self.store.transaction():
-            self.store.delete_host(host["name"])
-            self.store.use_token(token_id, -1)
-            self.free_from[provider.name] = min(self.free_from.get(provider.name, 0), host["number"])
+            if self.store.delete_unrevoked_host(host["name"]):
+                self.store.use_token(token_id, -1)
+                self.free_from[provider.name] = min(self.free_from.get(provider.name, 0), host["number"])
 
     def identify(self, request, fields, pubkey):
         """(provider, token id, enrolled host) for this request; the token id
@@ -1474,7 +1501,7 @@ class App:
             raise RequestError(403, f"host {host['name']} is revoked")
         return host
 
-    def create_host(self, provider, pubkey, fields):
+    def create_host(self, provider, pubkey, enrollment):
         seq = self.store.next_seq(provider.name)
         name = host_name(provider.name, seq)
         # Addresses below free_from are taken (this process gave them out),
@@ -1483,7 +1510,7 @@ class App:
                                    self.free_from.get(provider.name, 0))
         number = int(ipaddress.IPv4Address(address))
         self.free_from[provider.name] = number + 1
-        self.store.add_host(name, provider.name, seq, address, pubkey, fields["machine_id"], fields["hostname"])
+        self.store.add_host(name, provider.name, seq, address, pubkey, enrollment)
         return {"name": name, "provider": provider.name, "address": address, "number": number}
 
     def enrollment_answer(self, provider, host, certificate):

@@ -110,7 +110,7 @@ def signing_cpu(config, csrs, rounds=40):
     pki = dynfarm.PKI(config.state("pki"))
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     for i in range(rounds):
-        pki.sign_client(csrs[i % len(csrs)], f"bench-{i:04d}")
+        pki.sign_client(csrs[i % len(csrs)], f"bench-{i:04d}", dynfarm.new_serial())
     own2, kids2 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return ((own2.ru_utime + own2.ru_stime - own.ru_utime - own.ru_stime) / rounds,
             (kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime) / rounds)
@@ -237,7 +237,7 @@ def reference_server(conf):
                 while len(body) < length:
                     body += conn.recv(65536)
                 i = next(counter)
-                _, certificate = pki.sign_client(json.loads(body)["csr"], f"ref-{i:04d}")
+                certificate = pki.sign_client(json.loads(body)["csr"], f"ref-{i:04d}", dynfarm.new_serial())
                 answer = json.dumps({"address": f"ref-{i}", "certificate": certificate}).encode()
                 conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
         except (OSError, ValueError, IndexError):

@@ -191,8 +191,8 @@ def make_site(tmp, n, host_key):
     with store.transaction():
         for seq, address in enumerate(addresses(n), 1):
             name = dynfarm.host_name("bench", seq)
-            store.add_host(name, "bench", seq, address, f"{seq:064x}", f"machine{seq}", name)
-            store.record_enrollment(name, f"{seq:x}", f"machine{seq}", name, [host_key], {}, "bench")
+            store.add_host(name, "bench", seq, address, f"{seq:064x}",
+                           dynfarm.enrollment_record(f"{seq:x}", f"machine{seq}", name, [host_key], {}, "bench"))
     store.close()
     with open(os.path.join(base, "known_hosts"), "w") as f:
         f.writelines(f"{a} {host_key}\n" for a in addresses(n))

@@ -435,7 +435,8 @@ def test_signing_command_checks_the_request_and_forces_the_name(site, make_csr, 
         seen.append((argv, kw.get("input")))
         return real_run(argv, **kw)
     monkeypatch.setattr(dynfarm, "run", spy)
-    serial, cert = pki.sign_client(csr, "aruba-0042")
+    serial = dynfarm.new_serial()
+    pki.sign_client(csr, "aruba-0042", serial)
     argv, given = seen[0]
     assert argv[:8] == ["openssl", "req", "-config", pki.path("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509"]
     assert argv[argv.index("-subj") + 1] == "/CN=aruba-0042"
@@ -452,7 +453,7 @@ def test_a_certificate_for_another_key_is_refused(site, make_csr, monkeypatch):
     real_run = dynfarm.run
     monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: real_run(argv, **dict(kw, input=other_csr.encode())))
     with pytest.raises(dynfarm.Fatal, match="signed a key other than the request's"):
-        pki.sign_client(csr, "aruba-0042")
+        pki.sign_client(csr, "aruba-0042", dynfarm.new_serial())
 
 
 # --- DER ----------------------------------------------------------------------
@@ -697,40 +698,81 @@ def test_init_renews_a_server_certificate_close_to_expiry(tmp_path, capsys, monk
     assert capsys.readouterr().out.startswith("nothing to add")
 
 
-def test_a_revoke_landing_while_signing_wins(app, make_csr, monkeypatch):
+def revoke_while_signing(app, monkeypatch, then_fail=False):
+    """Make the next signing run the real 'revoke' command on its host (and
+    then fail, if asked); the list it returns gets the serial signed."""
+    sign, signed = app.pki.sign_client, []
+
+    def sign_then_revoke(csr_pem, host, serial):
+        certificate = sign(csr_pem, host, serial)
+        signed.append(serial)
+        assert dynfarm.main(["-c", app.config.path, "revoke", host]) == 0
+        if then_fail:
+            raise dynfarm.Fatal("openssl could not sign: test")
+        return certificate
+    monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
+    return signed
+
+
+def cert_serial(certificate):
+    return subprocess.run(["openssl", "x509", "-noout", "-serial"], input=certificate,
+                          capture_output=True, text=True, check=True).stdout.split("=")[1].strip().lower()
+
+
+def crl_serials(config):
+    text = subprocess.run(["openssl", "crl", "-in", config.state("pki", "crl.pem"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    return {line.split(":", 1)[1].strip().lower() for line in text.splitlines() if "Serial Number:" in line}
+
+
+def test_a_revoke_landing_while_a_host_re_enrolls_wins_and_lists_its_live_certificate(app, make_csr, monkeypatch):
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     key, csr = make_csr()
-    name = call(app, "/v1/enroll", enroll_body(token, csr))[1]["name"]
-    os.unlink(app.config.state("ccd", "aruba", name))
-    sign = app.pki.sign_client
-
-    def sign_then_revoke(csr_pem, host):
-        result = sign(csr_pem, host)
-        with app.store.transaction():
-            app.store.revoke(host)
-        return result
-    monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
+    first = call(app, "/v1/enroll", enroll_body(token, csr))[1]
+    revoke_while_signing(app, monkeypatch)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
     assert status == 403 and "revoked" in answer["error"]
-    assert not os.path.exists(app.config.state("ccd", "aruba", name))
+    assert not os.path.exists(app.config.state("ccd", "aruba", first["name"]))
+    # The certificate the machine holds is the one to refuse, not the one never handed out.
+    assert crl_serials(app.config) == {cert_serial(first["certificate"])}
 
 
 def test_a_revoke_of_a_new_host_while_signing_keeps_its_row_and_token_use(app, make_csr, monkeypatch):
     token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
-    sign = app.pki.sign_client
-
-    def sign_then_revoke(csr_pem, host):
-        result = sign(csr_pem, host)
-        with app.store.transaction():
-            app.store.revoke(host)
-        return result
-    monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
+    signed = revoke_while_signing(app, monkeypatch)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
     assert status == 403 and "revoked" in answer["error"]
     (host,) = app.store.hosts()
     assert host["revoked_at"] is not None      # not released: the revoke stands
     assert dynfarm.check_token(app.store, token)["uses_left"] == 1
     assert not os.path.exists(app.config.state("ccd", "aruba", host["name"]))
+    assert crl_serials(app.config) == set(signed)
+
+
+def test_a_revoke_of_a_new_host_stands_when_its_signing_then_fails(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    key, csr = make_csr()
+    revoke_while_signing(app, monkeypatch, then_fail=True)
+    with pytest.raises(dynfarm.Fatal):
+        call(app, "/v1/enroll", enroll_body(token, csr))
+    (host,) = app.store.hosts()
+    assert host["revoked_at"] is not None
+    assert dynfarm.check_token(app.store, token)["uses_left"] == 1
+    assert not os.path.exists(app.config.state("ccd", "aruba", host["name"]))
+    monkeypatch.undo()
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    assert status == 403 and "revoked" in answer["error"]
+
+
+def test_a_bad_request_carrying_an_enrolled_key_changes_nothing(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    assert call(app, "/v1/enroll", enroll_body(token, csr))[0] == 200
+    before = db_snapshot(app.store)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, tamper(dynfarm.make_csr(key, "x")),
+                                                            hostname="other", facts={"cores": 64}))
+    assert status == 400 and "signature does not verify" in answer["error"]
+    assert db_snapshot(app.store) == before
 
 
 def test_ccd_entry_is_written_once_and_replaced_when_it_changes(site):
@@ -753,7 +795,7 @@ def test_openssl_failure_is_not_blamed_on_the_request(site, make_csr, monkeypatc
     monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: subprocess.CompletedProcess(
         argv, 1, b"", b"req: Unknown option: -CA\n"))
     with pytest.raises(dynfarm.Fatal, match="needs OpenSSL 3.0 or newer.*Unknown option: -CA"):
-        pki.sign_client(make_csr()[1], "aruba-0001")
+        pki.sign_client(make_csr()[1], "aruba-0001", dynfarm.new_serial())
 
 
 def test_ipv4_clients_of_an_ipv6_listener_keep_their_networks(site, make_csr):
