@@ -247,6 +247,20 @@ def reference_server(conf):
         threading.Thread(target=serve, args=(raw,), daemon=True).start()
 
 
+def file_creation_cpu(directory, count=100):
+    """CPU seconds to create one small file in directory, as a new host's
+    client-config entry is made: this machine's unjournaled ext4 makes that
+    cost anything from 50 us to over 1 ms, depending on its recent deletions.
+    The files stay (a deletion would slow the next creations)."""
+    os.makedirs(directory)
+    started = time.thread_time()
+    for i in range(count):
+        fd = os.open(os.path.join(directory, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"ifconfig-push 10.64.0.2 255.255.248.0\n")
+        os.close(fd)
+    return (time.thread_time() - started) / count
+
+
 def floor_now(config, csrs):
     """(handshake, signing: caller's, signing: openssl's) CPU seconds, measured now."""
     return (handshake_cpu(config), *signing_cpu(config, csrs))
@@ -295,6 +309,7 @@ def dynfarm_round(tmp, csrs, index):
         "csr": csr, "host_keys": [], "facts": {}}).encode()) for i, csr in enumerate(csrs)]
     ctx = ssl.create_default_context(cafile=config.state("pki", "ca.crt"))
     before = floor_now(config, csrs)
+    creation = file_creation_cpu(config.state("fs-probe"))
     run = one_round([sys.executable, DYNFARM, "-c", conf, "server"], port, ctx, bodies, site)
     reference = one_round([sys.executable, os.path.abspath(__file__), "--reference", conf], port, ctx, bodies, site)
     after = floor_now(config, csrs)
@@ -305,6 +320,7 @@ def dynfarm_round(tmp, csrs, index):
     for r in (run, reference):
         r["floor_in_round"] = os.cpu_count() / (run["hs"] + run["caller"] + r["children"] / max(r["ok"], 1))
     run["reference"] = reference
+    run["creation"] = creation
     return run
 
 
@@ -330,6 +346,8 @@ def report(i, r, n):
           f"{r['openssl'] * 1000:.2f} openssl), mean of before and after the round")
     print(f"  in-round floor:  {r['floor_in_round']:.0f} enrollments/s, the same with openssl's CPU as this round's "
           f"signatures spent it ({r['children'] * per:.2f} ms)")
+    print(f"  filesystem:      {r['creation'] * 1e6:.0f} us of CPU to create a file in the state directory "
+          f"(dynfarm writes one per new host, the reference none)")
     print(f"  reference:       {ref['rate']:.0f} enrollments/s ({ref['ok']} ok) for the path built by hand, "
           f"server CPU {(ref['own'] + ref['children']) * 1000 / max(ref['ok'], 1):.1f} ms per enrollment, "
           f"cores idle {ref['idle'] / (os.cpu_count() * ref['elapsed']):.0%}")
