@@ -1575,27 +1575,44 @@ def current_bytes(path, st=None):
     return data
 
 
+TREE_CACHE = {}
+
+
 def tree_files(root):
-    """Every directory and regular file under root, as they should be on the VM."""
-    entries = []
+    """Every directory and regular file under root, as they should be on the VM.
+
+    Every enrollment sends them and admins edit them while the server runs:
+    each call walks the tree with one stat per entry (and checks that links
+    stay inside it), but builds the entries, contents encoded, only when a
+    stat changed.
+    """
+    found = []
     for directory, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames) + sorted(filenames):
             path = os.path.join(directory, name)
-            target = "/" + os.path.relpath(path, root)
-            st = os.stat(path)
-            if os.path.islink(path) and os.path.commonpath([os.path.realpath(path), root]) != root:
-                raise RequestError(503, f"customization {path} links outside its tree")
-            entry = {"path": target, "mode": stat.S_IMODE(st.st_mode)}
-            if stat.S_ISDIR(st.st_mode):
-                entry["type"] = "dir"
-            elif stat.S_ISREG(st.st_mode):
-                entry["type"] = "file"
-                entry["data"] = base64.b64encode(current_bytes(path, st)).decode()
-            else:
-                continue
-            entries.append(entry)
-    return entries
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                if os.path.commonpath([os.path.realpath(path), root]) != root:
+                    raise RequestError(503, f"customization {path} links outside its tree")
+                st = os.stat(path)
+            found.append((path, st))
+    signature = [(path, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns) for path, st in found]
+    cached = TREE_CACHE.get(root)
+    if cached is None or cached[0] != signature:
+        cached = TREE_CACHE[root] = (signature, [tree_entry(root, path, st) for path, st in found
+                                                 if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)])
+    return cached[1]
+
+
+def tree_entry(root, path, st):
+    entry = {"path": "/" + os.path.relpath(path, root), "mode": stat.S_IMODE(st.st_mode)}
+    if stat.S_ISDIR(st.st_mode):
+        entry["type"] = "dir"
+    else:
+        entry["type"] = "file"
+        entry["data"] = base64.b64encode(current_bytes(path, st)).decode()
+    return entry
 
 
 def parse_json(body):

@@ -260,6 +260,39 @@ def test_enroll_gives_name_address_and_config(app, make_csr):
     assert custom["ssh_keys"][0].startswith("ssh-ed25519 ")
 
 
+def served_files(app):
+    return {f["path"]: f for f in dynfarm.customization(app.config, app.config.providers["aruba"])["files"]}
+
+
+def test_customization_edits_reach_the_next_enrollment(app):
+    tree = app.config.providers["aruba"].files
+    greeting = os.path.join(tree, "etc", "dynfarm-test", "greeting")
+    assert base64.b64decode(served_files(app)["/etc/dynfarm-test/greeting"]["data"]) == b"hello from the site\n"
+    with open(greeting, "w") as f:
+        f.write("hello from the edit\n")                        # same size, in place: a new mtime tells
+    os.utime(greeting, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert base64.b64decode(served_files(app)["/etc/dynfarm-test/greeting"]["data"]) == b"hello from the edit\n"
+    os.chmod(greeting, 0o600)
+    assert served_files(app)["/etc/dynfarm-test/greeting"]["mode"] == 0o600
+    os.makedirs(os.path.join(tree, "etc", "slurm"))
+    with open(os.path.join(tree, "etc", "slurm", "slurm.conf"), "w") as f:
+        f.write("ClusterName=site\n")
+    files = served_files(app)
+    assert files["/etc/slurm"]["type"] == "dir"
+    assert base64.b64decode(files["/etc/slurm/slurm.conf"]["data"]) == b"ClusterName=site\n"
+    os.unlink(greeting)
+    assert "/etc/dynfarm-test/greeting" not in served_files(app)
+
+
+def test_customization_links_must_stay_inside_the_tree(app):
+    tree = app.config.providers["aruba"].files
+    os.symlink("dynfarm-test/greeting", os.path.join(tree, "etc", "inside"))
+    assert base64.b64decode(served_files(app)["/etc/inside"]["data"]) == b"hello from the site\n"
+    os.symlink("/etc/passwd", os.path.join(tree, "etc", "outside"))
+    with pytest.raises(dynfarm.RequestError, match="links outside its tree"):
+        served_files(app)
+
+
 def test_same_machine_gets_same_name_and_address(app, make_csr):
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     key, csr = make_csr()
