@@ -1127,14 +1127,15 @@ def sysctl_step(key, value):
     return step(["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={{previous}}"], path)
 
 
-def links_plan(config, outer):
-    """Every action 'links up' takes, as data; outer maps link name -> our outer address."""
+def links_plan(config, routes):
+    """Every action 'links up' takes, as data; routes maps link name -> (our
+    address toward that host, the interface the way leaves by): link_routes()."""
     if config.mode == "bridged":
         return bridge_steps(config)
     plan = [sysctl_step("net.ipv4.ip_forward", 1)]
     if config.mode == "gre":
-        plan += link_device_steps(config, outer) + policy_routing_steps(config)
-    plan += firewall_steps(config)
+        plan += link_device_steps(config, routes) + policy_routing_steps(config)
+    plan += firewall_steps(config, routes)
     return plan
 
 
@@ -1153,13 +1154,13 @@ def bridge_steps(config):
     return plan
 
 
-def link_device_steps(config, outer):
+def link_device_steps(config, routes):
     plan = []
     for link in config.links.values():
         ours, theirs = link_addresses(link)
         dev = link.device
         plan += [
-            step(link_device_argv(dev, link, outer[link.name], str(link.address)), ["ip", "link", "del", dev]),
+            step(link_device_argv(dev, link, routes[link.name][0], str(link.address)), ["ip", "link", "del", dev]),
             step(["ip", "addr", "add", ours + "/30", "dev", dev]),
             # Replies from the linked host come in on the link, not on the LAN
             # where its address lives: loose reverse-path checking only.
@@ -1187,20 +1188,26 @@ def policy_routing_steps(config):
     return plan
 
 
-def firewall_steps(config):
+def firewall_steps(config, routes):
     """The second wall (filter FORWARD) and MSS clamping (mangle FORWARD)."""
     vpn = "df-+"
     rules = []
-    if config.mode == "gre":
-        for link in config.links.values():
+    for link in config.links.values():
+        if config.mode == "gre":
             rules += [["-i", vpn, "-o", link.device, "-d", str(link.address), "-j", "ACCEPT"],
                       ["-i", link.device, "-s", str(link.address), "-o", vpn, "-j", "ACCEPT"]]
+        else:
+            # routed: the site's own routing carries the way to and from the
+            # linked hosts, and only theirs is let through, on the interface
+            # that way takes. Accepting all traffic to the VMs would also let
+            # in whatever reaches this host from outside the site (another
+            # provider's VMs, through their NAT, included).
+            lan = routes[link.name][1]
+            rules += [["-i", vpn, "-o", lan, "-d", str(link.address), "-j", "ACCEPT"],
+                      ["-i", lan, "-s", str(link.address), "-o", vpn, "-j", "ACCEPT"]]
     for provider in config.providers.values():
         if provider.vm_to_vm:
             rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])
-    if config.mode == "routed":
-        # the site's routers decide who reaches the VMs; only VM to VM is ours
-        rules += [["-i", vpn, "-o", vpn, "-j", "DROP"], ["-i", vpn, "-j", "ACCEPT"], ["-o", vpn, "-j", "ACCEPT"]]
     rules += [["-i", vpn, "-j", "DROP"], ["-o", vpn, "-j", "DROP"]]
     plan = chain_steps("filter", FORWARD_CHAIN, rules)
     # The VPN server is a site host too: from the VMs it answers only the
@@ -1227,15 +1234,16 @@ def chain_steps(table, chain, rules, hook="FORWARD"):
     return plan
 
 
-def outer_addresses(config):
-    """Our address toward each linked host: the source the kernel would use."""
-    outer = {}
+def link_routes(config):
+    """(our address toward each linked host, the interface the way leaves by),
+    as the kernel would route them."""
+    routes = {}
     for link in config.links.values():
         route = run(["ip", "-o", "route", "get", str(link.address)]).stdout.decode().split()
-        if "src" not in route:
+        if "src" not in route or "dev" not in route:
             raise Fatal(f"link {link.name}: no route to {link.address} from this host", code=2)
-        outer[link.name] = route[route.index("src") + 1]
-    return outer
+        routes[link.name] = (route[route.index("src") + 1], route[route.index("dev") + 1])
+    return routes
 
 
 def apply_plan(plan, record_path):
@@ -2861,7 +2869,7 @@ def cmd_links(args, config):
 
 
 def links_up(args, config, record):
-    plan = links_plan(config, outer_addresses(config) if config.mode == "gre" else {})
+    plan = links_plan(config, link_routes(config) if config.mode != "bridged" else {})
     if args.dry_run:
         for action in plan:
             print("[#] " + " ".join(shlex.quote(a) for a in action["do"]))
@@ -2941,7 +2949,7 @@ def links_peer(args, config, record):
         known = ", ".join(config.links) or "none"
         raise Fatal(f"no link named '{args.name}' (configured: {known})", code=2)
     link = config.links[args.name]
-    print(peer_script(config, link, outer_addresses(config)[link.name], down=args.down), end="")
+    print(peer_script(config, link, link_routes(config)[link.name][0], down=args.down), end="")
     return 0
 
 

@@ -180,3 +180,54 @@ def test_bridged_links_down_takes_the_taps_out(bridged):
     farm = bridged
     farm.dynfarm("links", "down")
     assert "df-aruba" not in farm.world.run("site", ["ip", "-o", "link"]).stdout
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """Routed mode: no links; the site's routers (here each LAN host's own
+    route table) send the VPN subnets to the VPN server, which forwards."""
+    conf = SITE_CONF.replace("[site]\n", "[site]\nmode = routed\n")
+    with running_farm(str(tmp_path_factory.mktemp("routed")), conf=conf) as farm:
+        addresses = {vm: enroll(farm, vm, provider) for vm, provider in
+                     (("vm1", "aruba"), ("vm2", "aruba"), ("vm3", "other"))}
+        before = routing_state(farm)
+        assert "links up (routed mode)" in farm.dynfarm("links", "up").stdout
+        status = farm.dynfarm("links", "status").stdout
+        for subnet in ("10.8.0.0/24", "10.9.0.0/24"):
+            assert f"ip route add {subnet} via ADDRESS-OF-THIS-HOST" in status
+            for host in ("master", "storage"):
+                farm.world.run(host, ["ip", "route", "add", subnet, "via", "10.10.0.1"])
+        yield farm, addresses, before
+
+
+def test_routed_vm_reaches_the_master_and_back_without_nat(routed):
+    farm, addresses, _ = routed
+    assert "dl-" not in farm.world.run("site", ["ip", "-o", "link"]).stdout
+    seen, sent, received = transfer(farm, "vm1", "master", MASTER, port=5020)
+    assert seen == addresses["vm1"] and sent == received
+    seen, sent, received = transfer(farm, "master", "vm3", addresses["vm3"], port=5021)
+    assert seen == MASTER and sent == received
+
+
+def test_routed_vm_does_not_reach_an_unlinked_host_even_routing_it_through_the_tunnel(routed):
+    farm, _, _ = routed
+    tunnel = farm.world.run("vm1", ["ip", "-o", "route", "get", MASTER]).stdout.split()
+    farm.world.run("vm1", ["ip", "route", "add", STORAGE, "dev", tunnel[tunnel.index("dev") + 1]])
+    assert transfer(farm, "vm1", "storage", STORAGE, port=5022) is None
+    assert transfer(farm, "master", "storage", STORAGE, port=5023) is not None   # it does listen
+
+
+def test_routed_mode_keeps_providers_apart_and_the_outside_out(routed):
+    farm, addresses, _ = routed
+    assert transfer(farm, "vm2", "vm1", addresses["vm1"], port=5024) is not None
+    # vm3 has no way to 10.8.0.0/24 but its NAT, whose next hop is this host's outside
+    assert transfer(farm, "vm3", "vm1", addresses["vm1"], port=5025) is None
+    assert transfer(farm, "vm1", "vm3", addresses["vm3"], port=5026) is None
+    assert transfer(farm, "vm1", "site", "10.8.0.1", port=5027) is None
+
+
+def test_routed_links_down_restores_routing_and_firewall_exactly(routed):
+    farm, _, before = routed
+    assert "links down" in farm.dynfarm("links", "down").stdout
+    assert routing_state(farm) == before
+    assert transfer(farm, "vm1", "master", MASTER, port=5028) is None

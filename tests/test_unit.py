@@ -603,7 +603,7 @@ def gre_config(site):
 
 def test_gre_link_plan_commands(site):
     config = gre_config(site)
-    plan = dynfarm.links_plan(config, {"master": "10.10.0.1"})
+    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
     do = [" ".join(action["do"]) for action in plan]
     assert do[:6] == [
         "sysctl -qw net.ipv4.ip_forward=1",
@@ -626,14 +626,14 @@ def test_gre_link_plan_commands(site):
 
 def test_vxlan_link_uses_its_own_id_and_port(site):
     config, _, _ = site
-    plan = dynfarm.links_plan(config, {"master": "10.10.0.1"})
+    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
     assert plan[1]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
                              "10.10.0.1", "remote", "10.10.0.5", "dstport", "4789"]
 
 
 def test_every_step_that_adds_has_its_undo(site):
     config = gre_config(site)
-    for action in dynfarm.links_plan(config, {"master": "10.10.0.1"}):
+    for action in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}):
         verb = action["do"][2] if action["do"][0] == "ip" else action["do"][-1]
         if action["do"][:3] in (["ip", "addr", "add"], ["ip", "link", "set"]) or "rp_filter" in verb:
             continue                          # gone with the link device
@@ -643,7 +643,7 @@ def test_every_step_that_adds_has_its_undo(site):
 def test_vm_to_vm_no_drops_the_same_provider_rule(site):
     config, _, _ = site
     config.providers["aruba"].vm_to_vm = False
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": "10.10.0.1"})]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
     assert not any("iif df-aruba to 10.8.0.0/24" in line for line in do)
     assert not any("-i df-aruba -o df-aruba" in line for line in do)
     assert any("-i df-other -o df-other" in line for line in do)
@@ -690,15 +690,16 @@ def test_peer_script_is_posix_and_idempotent_in_form(site):
     assert "ip link del dl-dynfarm" in down and "ip link add" not in down
 
 
-def test_routed_mode_only_forwards_and_walls_off_other_providers(site, capsys):
+def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
     config, _, _ = site
     config.mode = "routed"
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {})]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
     assert not any(line.startswith(("ip link", "ip rule", "ip route")) for line in do)
     assert "sysctl -qw net.ipv4.ip_forward=1" in do
     rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
-    assert rules[:4] == ["-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
-                         "-i df-+ -o df-+ -j DROP", "-i df-+ -j ACCEPT"]
+    assert rules == ["-i df-+ -o br-site -d 10.10.0.5 -j ACCEPT", "-i br-site -s 10.10.0.5 -o df-+ -j ACCEPT",
+                     "-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
+                     "-i df-+ -j DROP", "-o df-+ -j DROP"]
 
 
 def test_site_conf_example_is_valid(tmp_path):
