@@ -1098,7 +1098,6 @@ LINK_NET = ipaddress.IPv4Network("169.254.64.0/18")  # a /30 per link, by its in
 VXLAN_PORT = 4789
 PEER_DEVICE = "dl-dynfarm"                          # the link device on the linked host
 FORWARD_CHAIN = "DYNFARM-FWD"
-IP_FORWARD = "net.ipv4.ip_forward"
 INPUT_CHAIN = "DYNFARM-IN"
 MSS_CHAIN = "DYNFARM-MSS"
 
@@ -1128,35 +1127,16 @@ def sysctl_step(key, value):
     return step(["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={{previous}}"], path)
 
 
-def links_plan(config, routes, forwarded, bridges_filtered):
-    """Every action 'links up' takes, as data.
-
-    routes maps link name -> (our address toward that host, the interface the
-    way leaves by): link_routes(). forwarded: did this host forward before
-    (forwarded_before()); bridges_filtered: do its bridged frames pass through
-    iptables (br_netfilter loaded).
-    """
+def links_plan(config, routes):
+    """Every action 'links up' takes, as data; routes maps link name -> (our
+    address toward that host, the interface the way leaves by): link_routes()."""
     if config.mode == "bridged":
         return bridge_steps(config)
-    plan = [sysctl_step(IP_FORWARD, 1)]
+    plan = [sysctl_step("net.ipv4.ip_forward", 1)]
     if config.mode == "gre":
         plan += link_device_steps(config, routes) + policy_routing_steps(config)
-    plan += firewall_steps(config, routes, forwarded, bridges_filtered)
+    plan += firewall_steps(config, routes)
     return plan
-
-
-def forwarded_before(recorded):
-    """Did this host forward IPv4 before dynfarm's links? While they are up,
-    the record's undo of the switch knows; otherwise the kernel says."""
-    for action in recorded or []:
-        if action["do"] == sysctl_step(IP_FORWARD, 1)["do"]:
-            return action["undo"] != sysctl_step(IP_FORWARD, 0)["do"]
-    return read_text("/proc/sys/" + IP_FORWARD.replace(".", "/")).strip() != "0"
-
-
-def bridges_filtered():
-    """Is br_netfilter loaded, which hands bridged frames to iptables' FORWARD too?"""
-    return os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables")
 
 
 def bridge_steps(config):
@@ -1208,7 +1188,7 @@ def policy_routing_steps(config):
     return plan
 
 
-def firewall_steps(config, routes, forwarded, bridges_filtered):
+def firewall_steps(config, routes):
     """The second wall (filter FORWARD) and MSS clamping (mangle FORWARD)."""
     vpn = "df-+"
     rules = []
@@ -1229,17 +1209,6 @@ def firewall_steps(config, routes, forwarded, bridges_filtered):
         if provider.vm_to_vm:
             rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])
     rules += [["-i", vpn, "-j", "DROP"], ["-o", vpn, "-j", "DROP"]]
-    if not forwarded:
-        # Forwarding is one switch for all interfaces: turned on for the VMs,
-        # it would also make a host with an outside and a LAN side a router
-        # between them. A host that forwarded nothing before forwards ours
-        # only, and still bridges what it bridged: where br_netfilter hands
-        # bridged frames to iptables, they go back to the rest of FORWARD.
-        # (Matching physdev loads br_netfilter, so only where it is loaded.)
-        if bridges_filtered:
-            rules.append(["-m", "physdev", "--physdev-is-bridged", "-j", "RETURN"])
-        rules.append(["-m", "comment", "--comment", "dynfarm: this host forwarded nothing before links up",
-                      "-j", "DROP"])
     plan = chain_steps("filter", FORWARD_CHAIN, rules)
     # The VPN server is a site host too: from the VMs it answers only the
     # enrollment port (the client's tunnel probe, re-enrollment) and ping, and
@@ -2900,13 +2869,12 @@ def cmd_links(args, config):
 
 
 def links_up(args, config, record):
-    recorded = read_record(record)
-    plan = links_plan(config, link_routes(config) if config.mode != "bridged" else {},
-                      forwarded_before(recorded), bridges_filtered())
+    plan = links_plan(config, link_routes(config) if config.mode != "bridged" else {})
     if args.dry_run:
         for action in plan:
             print("[#] " + " ".join(shlex.quote(a) for a in action["do"]))
         return 0
+    recorded = read_record(record)
     if recorded is not None:
         if [a["do"] for a in recorded] == [a["do"] for a in plan]:
             print("links already up; nothing changed")

@@ -93,18 +93,6 @@ def test_vm_does_not_reach_the_storage_host(linked):
     assert transfer(farm, "vm1", "storage", STORAGE, port=5002) is None
 
 
-def test_the_outside_does_not_reach_the_site_lan_through_the_vpn_server(linked):
-    """The site forwarded nothing before 'links up': it forwards dynfarm's
-    traffic only, and still bridges its LAN (br_netfilter is loaded here)."""
-    farm, _, _ = linked
-    farm.world.run("storage", ["ip", "route", "add", "203.0.113.0/24", "via", "10.10.0.1"])
-    try:
-        assert transfer(farm, "nat", "storage", STORAGE, port=5030) is None
-        assert transfer(farm, "master", "storage", STORAGE, port=5031) is not None
-    finally:
-        farm.world.run("storage", ["ip", "route", "del", "203.0.113.0/24", "via", "10.10.0.1"])
-
-
 def test_master_reaches_the_vm(linked):
     farm, addresses, _ = linked
     seen, sent, received = transfer(farm, "master", "vm1", addresses["vm1"], port=5003)

@@ -198,7 +198,7 @@ def test_bridged_segment_comes_from_the_pool_and_the_bridge(site, monkeypatch):
     text = dynfarm.openvpn_server_config(config, config.providers["aruba"])
     assert "dev-type tap" in text and 'push "route-gateway 10.10.0.1"' in text
     assert "ifconfig " not in text and "topology" not in text
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {}, True, False)]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {})]
     assert do[:3] == ["ip tuntap add dev df-aruba mode tap", "ip link set df-aruba master br-lan",
                       "ip link set df-aruba up"]
 
@@ -603,7 +603,7 @@ def gre_config(site):
 
 def test_gre_link_plan_commands(site):
     config = gre_config(site)
-    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}, True, False)
+    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
     do = [" ".join(action["do"]) for action in plan]
     assert do[:6] == [
         "sysctl -qw net.ipv4.ip_forward=1",
@@ -626,14 +626,14 @@ def test_gre_link_plan_commands(site):
 
 def test_vxlan_link_uses_its_own_id_and_port(site):
     config, _, _ = site
-    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}, True, False)
+    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
     assert plan[1]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
                              "10.10.0.1", "remote", "10.10.0.5", "dstport", "4789"]
 
 
 def test_every_step_that_adds_has_its_undo(site):
     config = gre_config(site)
-    for action in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}, True, False):
+    for action in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}):
         verb = action["do"][2] if action["do"][0] == "ip" else action["do"][-1]
         if action["do"][:3] in (["ip", "addr", "add"], ["ip", "link", "set"]) or "rp_filter" in verb:
             continue                          # gone with the link device
@@ -643,7 +643,7 @@ def test_every_step_that_adds_has_its_undo(site):
 def test_vm_to_vm_no_drops_the_same_provider_rule(site):
     config, _, _ = site
     config.providers["aruba"].vm_to_vm = False
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}, True, False)]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
     assert not any("iif df-aruba to 10.8.0.0/24" in line for line in do)
     assert not any("-i df-aruba -o df-aruba" in line for line in do)
     assert any("-i df-other -o df-other" in line for line in do)
@@ -693,42 +693,13 @@ def test_peer_script_is_posix_and_idempotent_in_form(site):
 def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
     config, _, _ = site
     config.mode = "routed"
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}, True, False)]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
     assert not any(line.startswith(("ip link", "ip rule", "ip route")) for line in do)
     assert "sysctl -qw net.ipv4.ip_forward=1" in do
     rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
     assert rules == ["-i df-+ -o br-site -d 10.10.0.5 -j ACCEPT", "-i br-site -s 10.10.0.5 -o df-+ -j ACCEPT",
                      "-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
                      "-i df-+ -j DROP", "-o df-+ -j DROP"]
-
-
-@pytest.mark.parametrize("recorded, kernel, forwarded", [
-    (None, "0\n", False),
-    (None, "1\n", True),
-    ([{"do": ["sysctl", "-qw", "net.ipv4.ip_forward=1"], "undo": ["sysctl", "-qw", "net.ipv4.ip_forward=0"]}],
-     "1\n", False),                                      # links up: the switch is ours, the record knows
-    ([{"do": ["sysctl", "-qw", "net.ipv4.ip_forward=1"], "undo": ["sysctl", "-qw", "net.ipv4.ip_forward=1"]}],
-     "1\n", True),
-])
-def test_what_the_host_forwarded_before_comes_from_the_record_or_the_kernel(monkeypatch, recorded, kernel,
-                                                                            forwarded):
-    monkeypatch.setattr(dynfarm, "read_text", lambda path: kernel if path.endswith("ip_forward") else "")
-    assert dynfarm.forwarded_before(recorded) is forwarded
-
-
-@pytest.mark.parametrize("forwarded, bridges, tail", [
-    (True, True, ["-o df-+ -j DROP"]),
-    (False, False, ["-o df-+ -j DROP",
-                    "-m comment --comment dynfarm: this host forwarded nothing before links up -j DROP"]),
-    (False, True, ["-o df-+ -j DROP", "-m physdev --physdev-is-bridged -j RETURN",
-                   "-m comment --comment dynfarm: this host forwarded nothing before links up -j DROP"]),
-])
-def test_a_host_that_forwarded_nothing_forwards_only_dynfarms_traffic(site, forwarded, bridges, tail):
-    config, _, _ = site
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")},
-                                                         forwarded, bridges)]
-    rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
-    assert rules[-len(tail):] == tail
 
 
 def test_site_conf_example_is_valid(tmp_path):
