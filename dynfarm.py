@@ -1205,6 +1205,11 @@ def firewall_steps(config, routes):
             lan = routes[link.name][1]
             rules += [["-i", vpn, "-o", lan, "-d", str(link.address), "-j", "ACCEPT"],
                       ["-i", lan, "-s", str(link.address), "-o", vpn, "-j", "ACCEPT"]]
+    if config.mode == "routed" and config.links:
+        # The site's routers on the way say "fragmentation needed" or
+        # "unreachable" from their own addresses: let those through for the
+        # connections above, or path MTU discovery and quick failures break.
+        rules.append(["-o", vpn, "-p", "icmp", "-m", "conntrack", "--ctstate", "RELATED", "-j", "ACCEPT"])
     for provider in config.providers.values():
         if provider.vm_to_vm:
             rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])

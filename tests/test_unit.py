@@ -698,6 +698,7 @@ def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
     assert "sysctl -qw net.ipv4.ip_forward=1" in do
     rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
     assert rules == ["-i df-+ -o br-site -d 10.10.0.5 -j ACCEPT", "-i br-site -s 10.10.0.5 -o df-+ -j ACCEPT",
+                     "-o df-+ -p icmp -m conntrack --ctstate RELATED -j ACCEPT",
                      "-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
                      "-i df-+ -j DROP", "-o df-+ -j DROP"]
 
