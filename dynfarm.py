@@ -572,9 +572,11 @@ class Store:
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (name, provider, seq, address, pubkey_sha256) + enrollment)
 
-    def delete_unrevoked_host(self, name):
-        """False if the host is revoked: a revoked row stays, to keep refusing its machine."""
-        return self.db.execute("DELETE FROM hosts WHERE name = ? AND revoked_at IS NULL", (name,)).rowcount == 1
+    def delete_reservation(self, name, serial):
+        """Delete a new host's row while it holds this serial, unrevoked; False
+        if it does not (a revoked row stays, to keep refusing its machine)."""
+        return self.db.execute("DELETE FROM hosts WHERE name = ? AND serial = ? AND revoked_at IS NULL",
+                               (name, serial)).rowcount == 1
 
     def record_enrollment(self, name, enrollment):
         """False if the host is revoked (or gone): then nothing is recorded."""
@@ -583,17 +585,18 @@ class Store:
             "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ? AND revoked_at IS NULL",
             enrollment + (name,)).rowcount == 1
 
-    def still_enrolled(self, name):
-        """True unless the host was revoked (or is gone)."""
-        row = self.db.execute("SELECT revoked_at FROM hosts WHERE name = ?", (name,)).fetchone()
-        return row is not None and row[0] is None
+    def holds(self, name, serial):
+        """Does the host's row still hold this serial, unrevoked?"""
+        return self.db.execute("SELECT 1 FROM hosts WHERE name = ? AND serial = ? AND revoked_at IS NULL",
+                               (name, serial)).fetchone() is not None
 
     def record_report(self, name, report):
         self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
                         (json.dumps(report), time.time(), name))
 
     def revoke(self, name):
-        self.db.execute("UPDATE hosts SET revoked_at = ? WHERE name = ?", (time.time(), name))
+        """False if there is no such host (any more)."""
+        return self.db.execute("UPDATE hosts SET revoked_at = ? WHERE name = ?", (time.time(), name)).rowcount == 1
 
     def revoked(self):
         return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
@@ -1420,10 +1423,7 @@ class App:
                 self.release_host(provider, host, token_id)
             raise
         if not recorded:
-            # A revoke landed while we signed: it wins, and keeps the host's
-            # row. Its removal of the ccd entry may have run before our write.
-            remove_ccd(self.config, provider.name, host["name"])
-            raise RequestError(403, f"host {host['name']} is revoked")
+            raise self.overtaken(provider, host["name"])
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
@@ -1445,25 +1445,51 @@ class App:
             return provider, self.create_host(provider, pubkey, enrollment), token_id, True
 
     def enrollment_stands(self, name, created, enrollment):
-        """Record a signed enrollment; False if a revoke landed while we signed.
+        """Record a signed enrollment; False if something overtook it while we
+        signed (a revoke, or for a new host also a newer enrollment of the
+        same machine, or its release).
 
         A new host's row holds the serial since its reservation, so a revoke
-        has listed the certificate about to be issued: one read tells. A known
-        host's row keeps the serial of the certificate it uses until the new
-        one exists, so that a revoke meanwhile lists the live one; the write
-        comes now, and finds the host still unrevoked or records nothing.
+        has listed the certificate about to be issued: one read tells whether
+        the row still holds it. A known host's row keeps the serial of the
+        certificate it uses until the new one exists, so that a revoke
+        meanwhile lists the live one; the write comes now, and finds the host
+        still unrevoked or records nothing.
         """
+        serial = enrollment[0]
         if created:
-            return self.store.still_enrolled(name)
+            return self.store.holds(name, serial)
         with self.store.one_statement():
             return self.store.record_enrollment(name, enrollment)
 
+    def overtaken(self, provider, name):
+        """The error for an enrollment that a revoke, or a newer enrollment of
+        the same machine, overtook while it was signed: its certificate is
+        not the one on record, so it must not go out."""
+        row = self.store.host(name)
+        if row is not None and row["revoked_at"] is None:
+            return RequestError(409, f"host {name} enrolled again while this request was signed; "
+                                     "the newer answer stands")
+        # The revoke (or release) removed the ccd entry, maybe before our write.
+        remove_ccd(self.config, provider.name, name)
+        if row is None:
+            return RequestError(409, f"host {name} was released while this request was signed; enroll again")
+        return RequestError(403, f"host {name} is revoked")
+
     def release_host(self, provider, host, token_id):
-        """Undo a new host's reservation after a failure. A revoke that landed
-        meanwhile stands: its row stays, and so does the token use."""
-        remove_ccd(self.config, provider.name, host["name"])
+        """Undo a new host's reservation after a failure.
+
+        A revoke that landed meanwhile stands: its row stays, and so does the
+        token use. So does a newer enrollment of the same machine (a retry
+        that found this row), with its ccd entry. Under the write lock, so
+        that no new host takes the name between the entry's removal and the
+        row's.
+        """
         with self.store.transaction():
-            if self.store.delete_unrevoked_host(host["name"]):
+            row = self.store.host(host["name"])
+            if row is None or row["revoked_at"] is not None or row["serial"] == host["serial"]:
+                remove_ccd(self.config, provider.name, host["name"])
+            if self.store.delete_reservation(host["name"], host["serial"]):
                 self.store.use_token(token_id, -1)
                 self.free_from[provider.name] = min(self.free_from.get(provider.name, 0), host["number"])
 
@@ -1524,7 +1550,8 @@ class App:
         number = int(ipaddress.IPv4Address(address))
         self.free_from[provider.name] = number + 1
         self.store.add_host(name, provider.name, seq, address, pubkey, enrollment)
-        return {"name": name, "provider": provider.name, "address": address, "number": number}
+        return {"name": name, "provider": provider.name, "address": address, "number": number,
+                "serial": enrollment[0]}
 
     def enrollment_answer(self, provider, host, certificate):
         seg = segment(self.config, provider)
@@ -2855,10 +2882,10 @@ def cloud_init(script):
 def cmd_revoke(args, config):
     store = open_store(config)
     host = store.host(args.host)
-    if host is None:
-        raise Fatal(f"no host named {args.host} (see 'remote_control list')", code=2)
     with store.transaction():
-        store.revoke(host["name"])
+        # Gone since the read? (a new host's failed enrollment releases its row)
+        if host is None or not store.revoke(host["name"]):
+            raise Fatal(f"no host named {args.host} (see 'remote_control list')", code=2)
     remove_ccd(config, host["provider"], host["name"])
     PKI(config.state("pki")).write_crl(store)
     kicked = management_command(config, host["provider"], f"kill {host['name']}")

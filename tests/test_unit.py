@@ -799,6 +799,57 @@ def test_a_revoke_of_a_new_host_stands_when_its_signing_then_fails(app, make_csr
     assert status == 403 and "revoked" in answer["error"]
 
 
+def retry_while_signing(app, monkeypatch, token, key, then_fail):
+    """Make the next signing let the same machine enroll again first (a retry
+    finds the reserved row and takes it over), then fail or go on; the list
+    it returns gets the retry's answer."""
+    sign, answers = app.pki.sign_client, []
+
+    def sign_after_a_retry(csr_pem, host, serial):
+        monkeypatch.setattr(app.pki, "sign_client", sign)
+        answers.append(call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x"))))
+        if then_fail:
+            raise dynfarm.Fatal("openssl: no answer after 120s")
+        return sign(csr_pem, host, serial)
+    monkeypatch.setattr(app.pki, "sign_client", sign_after_a_retry)
+    return answers
+
+
+def test_a_failed_enrollment_leaves_the_row_a_retry_took_over(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    key, csr = make_csr()
+    answers = retry_while_signing(app, monkeypatch, token, key, then_fail=True)
+    with pytest.raises(dynfarm.Fatal):
+        call(app, "/v1/enroll", enroll_body(token, csr))
+    status, retry, _ = answers[0]
+    assert status == 200 and retry["name"] == "aruba-0001"
+    assert app.store.host("aruba-0001")["serial"] == cert_serial(retry["certificate"])
+    assert os.path.exists(app.config.state("ccd", "aruba", "aruba-0001"))
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"] == "aruba-0002"
+
+
+def test_an_enrollment_overtaken_by_a_retry_does_not_hand_out_its_certificate(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    key, csr = make_csr()
+    answers = retry_while_signing(app, monkeypatch, token, key, then_fail=False)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, csr))
+    assert status == 409 and "enrolled again" in answer["error"]
+    retry = answers[0][1]
+    assert app.store.host("aruba-0001")["serial"] == cert_serial(retry["certificate"])
+    assert os.path.exists(app.config.state("ccd", "aruba", "aruba-0001"))
+
+
+def test_revoking_a_host_released_since_it_was_read_is_an_error(app, make_csr, monkeypatch, capsys):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    name = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"]
+    row = app.store.host(name)
+    with app.store.transaction():
+        app.store.db.execute("DELETE FROM hosts WHERE name = ?", (name,))
+    monkeypatch.setattr(dynfarm.Store, "host", lambda self, wanted: row)   # read before the release
+    assert dynfarm.main(["-c", app.config.path, "revoke", name]) == 2
+    assert "no host named" in capsys.readouterr().err
+
+
 def test_a_bad_request_carrying_an_enrolled_key_changes_nothing(app, make_csr):
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     key, csr = make_csr()
