@@ -1597,6 +1597,12 @@ def customization(config, provider):
 FILE_CACHE = {}
 
 
+def stat_key(st):
+    """What changes when a file's content may have: ctime too, since a
+    writer can set mtime back (cp -p, rsync -t, touch -r) but not ctime."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def current_bytes(path, st=None):
     """A file's content, read again only when its stat changes.
 
@@ -1605,7 +1611,7 @@ def current_bytes(path, st=None):
     also hands the interpreter lock to one of the other request threads.)
     """
     st = st or os.stat(path)
-    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = stat_key(st)
     cached = FILE_CACHE.get(path)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -1637,7 +1643,7 @@ def tree_files(root):
                     raise RequestError(503, f"customization {path} links outside its tree")
                 st = os.stat(path)
             found.append((path, st))
-    signature = [(path, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns) for path, st in found]
+    signature = [(path, st.st_mode) + stat_key(st) for path, st in found]
     cached = TREE_CACHE.get(root)
     if cached is None or cached[0] != signature:
         cached = TREE_CACHE[root] = (signature, [tree_entry(root, path, st) for path, st in found

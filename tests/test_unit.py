@@ -280,6 +280,11 @@ def test_customization_edits_reach_the_next_enrollment(app):
     files = served_files(app)
     assert files["/etc/slurm"]["type"] == "dir"
     assert base64.b64decode(files["/etc/slurm/slurm.conf"]["data"]) == b"ClusterName=site\n"
+    before = os.stat(greeting)
+    with open(greeting, "r+") as f:
+        f.write("HELLO FROM THE EDIT\n")                        # same size, mtime set back (cp -p)
+    os.utime(greeting, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert base64.b64decode(served_files(app)["/etc/dynfarm-test/greeting"]["data"]) == b"HELLO FROM THE EDIT\n"
     os.unlink(greeting)
     assert "/etc/dynfarm-test/greeting" not in served_files(app)
 
