@@ -1126,8 +1126,8 @@ def step(do, undo=None, previous=None):
 
 
 def sysctl_step(key, value):
-    path = "/proc/sys/" + key.replace(".", "/")
-    return step(["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={{previous}}"], path)
+    """key with slashes (net/ipv4/conf/eth0.100/forwarding): interface names may hold dots."""
+    return step(["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={{previous}}"], "/proc/sys/" + key)
 
 
 def links_plan(config, routes):
@@ -1135,10 +1135,32 @@ def links_plan(config, routes):
     address toward that host, the interface the way leaves by): link_routes()."""
     if config.mode == "bridged":
         return bridge_steps(config)
-    plan = [sysctl_step("net.ipv4.ip_forward", 1)]
+    plan = forwarding_steps(config, routes)
     if config.mode == "gre":
         plan += link_device_steps(config, routes) + policy_routing_steps(config)
     plan += firewall_steps(config, routes)
+    return plan
+
+
+def forwarding_steps(config, routes):
+    """IPv4 forwarding on the interfaces dynfarm's traffic comes in by, only.
+
+    net.ipv4.ip_forward would switch it on for every interface (and reset
+    their own switches and accept_redirects): a server with an outside and a
+    LAN side would route one into the other. The kernel asks the interface a
+    packet comes in by. OpenVPN makes its tun device anew at each start, so
+    new interfaces forward (the default); a tun device already there is
+    switched itself (-e: it may not be there). Link devices are made after
+    the default changed. In routed mode, the linked hosts' answers come in
+    by the interface they live behind.
+    """
+    plan = [sysctl_step("net/ipv4/conf/default/forwarding", 1)]
+    for provider in config.providers.values():
+        key = f"net/ipv4/conf/{provider.interface}/forwarding"
+        plan.append(step(["sysctl", "-qw", "-e", key + "=1"], ["sysctl", "-qw", "-e", key + "=0"]))
+    if config.mode == "routed":
+        for lan in sorted({routes[link.name][1] for link in config.links.values()}):
+            plan.append(sysctl_step(f"net/ipv4/conf/{lan}/forwarding", 1))
     return plan
 
 

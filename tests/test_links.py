@@ -30,7 +30,9 @@ def routing_state(farm):
         # appear on their own some time after an interface comes up.
         "routes": run(["ip", "-4", "route", "show", "table", "all"]),
         "iptables": iptables_rules(run(["iptables-save"])),
-        "forward": run(["sysctl", "-n", "net.ipv4.ip_forward"]),
+        # every interface's forwarding switch, and what writing ip_forward would reset
+        "forward": run(["sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf/*/forwarding "
+                                    "/proc/sys/net/ipv4/conf/*/accept_redirects | grep -v /dl-"]),
         "links": run(["ip", "-o", "link", "show"]).count("dl-"),
     }
 
@@ -91,6 +93,33 @@ def test_vm_does_not_reach_the_storage_host(linked):
     farm, _, _ = linked
     assert transfer(farm, "storage", "storage", STORAGE) is not None   # it does listen
     assert transfer(farm, "vm1", "storage", STORAGE, port=5002) is None
+
+
+def test_the_outside_does_not_reach_the_site_lan_through_the_vpn_server(linked):
+    """Forwarding is on only where dynfarm's traffic comes in: the site's
+    outside still routes nothing into its LAN, which still bridges."""
+    farm, _, _ = linked
+    assert farm.world.run("site", ["sysctl", "-n", "net.ipv4.ip_forward", "net.ipv4.conf.wan.forwarding"]
+                          ).stdout.split() == ["0", "0"]
+    farm.world.run("storage", ["ip", "route", "add", "203.0.113.0/24", "via", "10.10.0.1"])
+    try:
+        assert transfer(farm, "nat", "storage", STORAGE, port=5030) is None
+        assert transfer(farm, "master", "storage", STORAGE, port=5031) is not None
+    finally:
+        farm.world.run("storage", ["ip", "route", "del", "203.0.113.0/24", "via", "10.10.0.1"])
+
+
+def test_a_tun_device_made_after_links_up_forwards(linked):
+    """OpenVPN makes its tun device anew at each start: one made while the links
+    are up must forward like the one that was there."""
+    farm, _, _ = linked
+    site = farm.world
+    assert site.run("site", ["sysctl", "-n", "net.ipv4.conf.df-aruba.forwarding"]).stdout.strip() == "1"
+    site.run("site", ["ip", "tuntap", "add", "dev", "df-later", "mode", "tun"])
+    try:
+        assert site.run("site", ["sysctl", "-n", "net.ipv4.conf.df-later.forwarding"]).stdout.strip() == "1"
+    finally:
+        site.run("site", ["ip", "link", "del", "df-later"])
 
 
 def test_master_reaches_the_vm(linked):

@@ -610,8 +610,10 @@ def test_gre_link_plan_commands(site):
     config = gre_config(site)
     plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
     do = [" ".join(action["do"]) for action in plan]
-    assert do[:6] == [
-        "sysctl -qw net.ipv4.ip_forward=1",
+    assert do[:8] == [
+        "sysctl -qw net/ipv4/conf/default/forwarding=1",
+        "sysctl -qw -e net/ipv4/conf/df-aruba/forwarding=1",
+        "sysctl -qw -e net/ipv4/conf/df-other/forwarding=1",
         "ip link add dl-master type gre local 10.10.0.1 remote 10.10.0.5 ttl 64",
         "ip addr add 169.254.64.1/30 dev dl-master",
         "sysctl -qw net.ipv4.conf.dl-master.rp_filter=2",
@@ -631,8 +633,8 @@ def test_gre_link_plan_commands(site):
 
 def test_vxlan_link_uses_its_own_id_and_port(site):
     config, _, _ = site
-    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
-    assert plan[1]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
+    plan = [a for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}) if a["do"][0] == "ip"]
+    assert plan[0]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
                              "10.10.0.1", "remote", "10.10.0.5", "dstport", "4789"]
 
 
@@ -673,12 +675,13 @@ def test_apply_plan_rolls_back_on_failure(tmp_path, monkeypatch):
 
 def test_sysctl_undo_restores_the_previous_value(tmp_path, monkeypatch):
     monkeypatch.setattr(dynfarm, "run", lambda argv, check=True, **kw: subprocess.CompletedProcess(argv, 0))
-    proc = tmp_path / "ip_forward"
+    proc = tmp_path / "forwarding"
     proc.write_text("0\n")
-    action = dynfarm.sysctl_step("net.ipv4.ip_forward", 1)
+    action = dynfarm.sysctl_step("net/ipv4/conf/eth0.100/forwarding", 1)
+    assert action["previous"] == "/proc/sys/net/ipv4/conf/eth0.100/forwarding"   # a dot in a name stays
     action["previous"] = str(proc)
     done = dynfarm.apply_plan([action], str(tmp_path / "rec.json"))
-    assert done[0]["undo"] == ["sysctl", "-qw", "net.ipv4.ip_forward=0"]
+    assert done[0]["undo"] == ["sysctl", "-qw", "net/ipv4/conf/eth0.100/forwarding=0"]
 
 
 def test_peer_script_is_posix_and_idempotent_in_form(site):
@@ -700,7 +703,9 @@ def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
     config.mode = "routed"
     do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
     assert not any(line.startswith(("ip link", "ip rule", "ip route")) for line in do)
-    assert "sysctl -qw net.ipv4.ip_forward=1" in do
+    assert [line for line in do if line.startswith("sysctl")] == [
+        "sysctl -qw net/ipv4/conf/default/forwarding=1", "sysctl -qw -e net/ipv4/conf/df-aruba/forwarding=1",
+        "sysctl -qw -e net/ipv4/conf/df-other/forwarding=1", "sysctl -qw net/ipv4/conf/br-site/forwarding=1"]
     rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
     assert rules == ["-i df-+ -o br-site -d 10.10.0.5 -j ACCEPT", "-i br-site -s 10.10.0.5 -o df-+ -j ACCEPT",
                      "-o df-+ -p icmp -m conntrack --ctstate RELATED -j ACCEPT",

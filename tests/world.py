@@ -14,7 +14,7 @@ Used by the system tests and the demo. Needs root; standard library only.
                                                                wan, FORWARD: new connections
                                                                only from the LAN (a home router)
   site      wan 203.0.113.1/24,                                no default route,
-            br-site 10.10.0.1/24 (ports lan-master, lan-storage)  ip_forward=0 (dynfarm's job)
+            br-site 10.10.0.1/24 (ports lan-master, lan-storage)  ip_forward=0 (dynfarm forwards on its own interfaces)
   master    eth0 10.10.0.5/24                                  no default route
   storage   eth0 10.10.0.6/24                                  no default route
 
