@@ -578,12 +578,14 @@ class Store:
         return self.db.execute("DELETE FROM hosts WHERE name = ? AND serial = ? AND revoked_at IS NULL",
                                (name, serial)).rowcount == 1
 
-    def record_enrollment(self, name, enrollment):
-        """False if the host is revoked (or gone): then nothing is recorded."""
+    def record_enrollment(self, name, pubkey_sha256, enrollment):
+        """False if the host is revoked, or gone (its name maybe another
+        machine's since): then nothing is recorded."""
         return self.db.execute(
             "UPDATE hosts SET serial = ?, machine_id = ?, hostname = ?, host_keys = ?, facts = ?, "
-            "client_version = ?, enrolled_at = ?, last_seen = ? WHERE name = ? AND revoked_at IS NULL",
-            enrollment + (name,)).rowcount == 1
+            "client_version = ?, enrolled_at = ?, last_seen = ? "
+            "WHERE name = ? AND pubkey_sha256 = ? AND revoked_at IS NULL",
+            enrollment + (name, pubkey_sha256)).rowcount == 1
 
     def holds(self, name, serial):
         """Does the host's row still hold this serial, unrevoked?"""
@@ -594,9 +596,10 @@ class Store:
         self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
                         (json.dumps(report), time.time(), name))
 
-    def revoke(self, name):
-        """False if there is no such host (any more)."""
-        return self.db.execute("UPDATE hosts SET revoked_at = ? WHERE name = ?", (time.time(), name)).rowcount == 1
+    def revoke(self, name, pubkey_sha256):
+        """False if there is no such host (any more: its name may be another machine's since)."""
+        return self.db.execute("UPDATE hosts SET revoked_at = ? WHERE name = ? AND pubkey_sha256 = ?",
+                               (time.time(), name, pubkey_sha256)).rowcount == 1
 
     def revoked(self):
         return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
@@ -1157,7 +1160,8 @@ def forwarding_steps(config, routes):
     plan = [sysctl_step("net/ipv4/conf/default/forwarding", 1)]
     for provider in config.providers.values():
         key = f"net/ipv4/conf/{provider.interface}/forwarding"
-        plan.append(step(["sysctl", "-qw", "-e", key + "=1"], ["sysctl", "-qw", "-e", key + "=0"]))
+        plan.append(step(["sysctl", "-qw", "-e", key + "=1"], ["sysctl", "-qw", "-e", key + "={previous}"],
+                         "/proc/sys/" + key))
     if config.mode == "routed":
         for lan in sorted({routes[link.name][1] for link in config.links.values()}):
             plan.append(sysctl_step(f"net/ipv4/conf/{lan}/forwarding", 1))
@@ -1230,11 +1234,15 @@ def firewall_steps(config, routes):
             lan = routes[link.name][1]
             rules += [["-i", vpn, "-o", lan, "-d", str(link.address), "-j", "ACCEPT"],
                       ["-i", lan, "-s", str(link.address), "-o", vpn, "-j", "ACCEPT"]]
-    if config.mode == "routed" and config.links:
+    if config.mode == "routed":
         # The site's routers on the way say "fragmentation needed" or
         # "unreachable" from their own addresses: let those through for the
-        # connections above, or path MTU discovery and quick failures break.
-        rules.append(["-o", vpn, "-p", "icmp", "-m", "conntrack", "--ctstate", "RELATED", "-j", "ACCEPT"])
+        # connections above (and only from the site's side: a VM could forge
+        # one about another provider's connection), or path MTU discovery
+        # and quick failures break.
+        for lan in sorted({routes[link.name][1] for link in config.links.values()}):
+            rules.append(["-i", lan, "-o", vpn, "-p", "icmp", "-m", "conntrack", "--ctstate", "RELATED",
+                          "-j", "ACCEPT"])
     for provider in config.providers.values():
         if provider.vm_to_vm:
             rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])
@@ -1287,7 +1295,7 @@ def apply_plan(plan, record_path):
         for action in plan:
             undo = action["undo"]
             if action["previous"]:
-                undo = [a.replace("{previous}", read_text(action["previous"]).strip()) for a in undo]
+                undo = [a.replace("{previous}", previous_value(action["previous"])) for a in undo]
             # Recorded before it runs: interrupted mid-step, the step is undone
             # all the same (an undo of what did not happen fails harmlessly).
             done.append({"do": action["do"], "undo": undo})
@@ -1302,6 +1310,14 @@ def apply_plan(plan, record_path):
         remove_file(record_path)
         raise
     return done
+
+
+def previous_value(path):
+    """A sysctl's value before we set it; off for a device not there yet."""
+    try:
+        return read_text(path).strip()
+    except FileNotFoundError:
+        return "0"
 
 
 def boot_id():
@@ -1439,13 +1455,13 @@ class App:
         try:
             certificate = self.pki.sign_client(fields["csr"], host["name"], serial)
             write_ccd(self.config, provider, host["name"], host["address"])
-            recorded = self.enrollment_stands(host["name"], created, enrollment)
+            recorded = self.enrollment_stands(host["name"], pubkey, created, enrollment)
         except BaseException:
             if created:
                 self.release_host(provider, host, token_id)
             raise
         if not recorded:
-            raise self.overtaken(provider, host["name"])
+            raise self.overtaken(provider, host["name"], pubkey)
         log(f"{request.peer_ip}: enrolled {host['name']} at {host['address']}" + ("" if created else " (again)"))
         return 200, self.enrollment_answer(provider, host, certificate), {}
 
@@ -1466,7 +1482,7 @@ class App:
                 raise RequestError(401, "invalid enrollment token")
             return provider, self.create_host(provider, pubkey, enrollment), token_id, True
 
-    def enrollment_stands(self, name, created, enrollment):
+    def enrollment_stands(self, name, pubkey, created, enrollment):
         """Record a signed enrollment; False if something overtook it while we
         signed (a revoke, or for a new host also a newer enrollment of the
         same machine, or its release).
@@ -1482,13 +1498,16 @@ class App:
         if created:
             return self.store.holds(name, serial)
         with self.store.one_statement():
-            return self.store.record_enrollment(name, enrollment)
+            return self.store.record_enrollment(name, pubkey, enrollment)
 
-    def overtaken(self, provider, name):
-        """The error for an enrollment that a revoke, or a newer enrollment of
-        the same machine, overtook while it was signed: its certificate is
-        not the one on record, so it must not go out."""
+    def overtaken(self, provider, name, pubkey):
+        """The error for an enrollment that a revoke, a newer enrollment of
+        the same machine, or its release overtook while it was signed: its
+        certificate is not the one on record, so it must not go out."""
         row = self.store.host(name)
+        if row is not None and row["pubkey_sha256"] != pubkey:
+            # released, and the name given to another machine: its entry now
+            return RequestError(409, f"host {name} was released while this request was signed; enroll again")
         if row is not None and row["revoked_at"] is None:
             return RequestError(409, f"host {name} enrolled again while this request was signed; "
                                      "the newer answer stands")
@@ -2912,7 +2931,7 @@ def cmd_revoke(args, config):
     host = store.host(args.host)
     with store.transaction():
         # Gone since the read? (a new host's failed enrollment releases its row)
-        if host is None or not store.revoke(host["name"]):
+        if host is None or not store.revoke(host["name"], host["pubkey_sha256"]):
             raise Fatal(f"no host named {args.host} (see 'remote_control list')", code=2)
     remove_ccd(config, host["provider"], host["name"])
     PKI(config.state("pki")).write_crl(store)

@@ -281,8 +281,11 @@ def test_customization_edits_reach_the_next_enrollment(app):
     assert files["/etc/slurm"]["type"] == "dir"
     assert base64.b64decode(files["/etc/slurm/slurm.conf"]["data"]) == b"ClusterName=site\n"
     before = os.stat(greeting)
-    with open(greeting, "r+") as f:
-        f.write("HELLO FROM THE EDIT\n")                        # same size, mtime set back (cp -p)
+    deadline = time.monotonic() + 2
+    while os.stat(greeting).st_ctime_ns == before.st_ctime_ns and time.monotonic() < deadline:
+        time.sleep(0.005)                       # a kernel with coarse timestamps: into the next tick
+        with open(greeting, "r+") as f:
+            f.write("HELLO FROM THE EDIT\n")                    # same size, mtime set back (cp -p)
     os.utime(greeting, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert base64.b64decode(served_files(app)["/etc/dynfarm-test/greeting"]["data"]) == b"HELLO FROM THE EDIT\n"
     os.unlink(greeting)
@@ -684,6 +687,19 @@ def test_sysctl_undo_restores_the_previous_value(tmp_path, monkeypatch):
     assert done[0]["undo"] == ["sysctl", "-qw", "net/ipv4/conf/eth0.100/forwarding=0"]
 
 
+def test_a_tun_device_gets_back_its_own_forwarding_switch(site, tmp_path, monkeypatch):
+    """On a host that forwarded already, links down must leave its tun devices forwarding."""
+    config, _, _ = site
+    monkeypatch.setattr(dynfarm, "run", lambda argv, check=True, **kw: subprocess.CompletedProcess(argv, 0))
+    (tmp_path / "on").write_text("1\n")
+    steps = [a for a in dynfarm.forwarding_steps(config, {}) if "-e" in a["do"]]
+    steps[0]["previous"] = str(tmp_path / "on")                       # df-aruba: there, forwarding
+    steps[1]["previous"] = str(tmp_path / "absent")                   # df-other: not made yet
+    done = dynfarm.apply_plan(steps, str(tmp_path / "rec.json"))
+    assert [d["undo"][-1] for d in done] == ["net/ipv4/conf/df-aruba/forwarding=1",
+                                             "net/ipv4/conf/df-other/forwarding=0"]
+
+
 def test_peer_script_is_posix_and_idempotent_in_form(site):
     config = gre_config(site)
     script = dynfarm.peer_script(config, config.links["master"], "10.10.0.1")
@@ -708,7 +724,7 @@ def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
         "sysctl -qw -e net/ipv4/conf/df-other/forwarding=1", "sysctl -qw net/ipv4/conf/br-site/forwarding=1"]
     rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
     assert rules == ["-i df-+ -o br-site -d 10.10.0.5 -j ACCEPT", "-i br-site -s 10.10.0.5 -o df-+ -j ACCEPT",
-                     "-o df-+ -p icmp -m conntrack --ctstate RELATED -j ACCEPT",
+                     "-i br-site -o df-+ -p icmp -m conntrack --ctstate RELATED -j ACCEPT",
                      "-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
                      "-i df-+ -j DROP", "-o df-+ -j DROP"]
 
@@ -849,6 +865,45 @@ def test_an_enrollment_overtaken_by_a_retry_does_not_hand_out_its_certificate(ap
     assert os.path.exists(app.config.state("ccd", "aruba", "aruba-0001"))
 
 
+def test_a_retry_does_not_take_over_the_machine_its_name_went_to(app, make_csr, monkeypatch):
+    """M1's first request fails and releases its name while M1's retry signs;
+    M3 gets the name. The retry must not record itself over M3's row."""
+    token, _ = dynfarm.new_token(app.store, "aruba", 3, 60)
+    key1, csr1 = make_csr()
+    csr3 = make_csr()[1]
+    real, calls, lock = app.pki.sign_client, [], threading.Lock()
+    first_signing, may_fail, released, answers = (threading.Event(), threading.Event(), threading.Event(), {})
+
+    def sign(csr_pem, name, serial):
+        with lock:
+            calls.append(name)
+            turn = len(calls)
+        if turn == 1:                       # M1's first request: wait, then fail
+            first_signing.set()
+            may_fail.wait(10)
+            raise dynfarm.Fatal("openssl: no answer after 120s")
+        if turn == 2:                       # M1's retry: let the first fail, M3 enroll, then go on
+            may_fail.set()
+            released.wait(10)
+            answers["m3"] = call(app, "/v1/enroll", enroll_body(token, csr3))
+        return real(csr_pem, name, serial)
+    monkeypatch.setattr(app.pki, "sign_client", sign)
+
+    def first():
+        with pytest.raises(dynfarm.Fatal):
+            call(app, "/v1/enroll", enroll_body(token, csr1))
+        released.set()
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert first_signing.wait(10)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key1, "x")))
+    worker.join(10)
+    assert answers["m3"][0] == 200 and answers["m3"][1]["name"] == "aruba-0001"
+    assert status == 409 and "released" in answer["error"]
+    assert app.store.host("aruba-0001")["serial"] == cert_serial(answers["m3"][1]["certificate"])
+    assert app.store.host("aruba-0001")["pubkey_sha256"] == dynfarm.csr_key_id(csr3)
+
+
 def test_revoking_a_host_released_since_it_was_read_is_an_error(app, make_csr, monkeypatch, capsys):
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     name = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"]
@@ -858,6 +913,13 @@ def test_revoking_a_host_released_since_it_was_read_is_an_error(app, make_csr, m
     monkeypatch.setattr(dynfarm.Store, "host", lambda self, wanted: row)   # read before the release
     assert dynfarm.main(["-c", app.config.path, "revoke", name]) == 2
     assert "no host named" in capsys.readouterr().err
+    monkeypatch.undo()
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"] == name   # the name, reused
+    monkeypatch.setattr(dynfarm.Store, "host", lambda self, wanted: row)
+    assert dynfarm.main(["-c", app.config.path, "revoke", name]) == 2
+    monkeypatch.undo()
+    assert app.store.host(name)["revoked_at"] is None          # the machine that has the name now is not hit
 
 
 def test_a_bad_request_carrying_an_enrolled_key_changes_nothing(app, make_csr):
