@@ -2069,7 +2069,11 @@ class Client:
             request["token"] = self.token
         if self.provider:
             request["provider"] = self.provider
-        answer = self.call("POST", "/v1/enroll", request)
+        try:
+            answer = self.call("POST", "/v1/enroll", request)
+        except Overtaken as e:
+            say(f"{e}; enrolling again")        # the race is lost once, not twice in a row
+            answer = self.call("POST", "/v1/enroll", request)
         if answer.get("status") == "update":
             self.update_self(answer["sha256"])   # does not return
         if answer.get("status") != "enrolled":
@@ -2105,7 +2109,8 @@ class Client:
                 message = json.loads(e.read()).get("error", "")
             except ValueError:
                 message = ""
-            raise Fatal(f"{self.server} refused {path}: {e.code} {message or e.reason}")
+            raise (Overtaken if e.code == 409 else Fatal)(f"{self.server} refused {path}: {e.code} "
+                                                          f"{message or e.reason}")
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, ssl.SSLCertVerificationError):
@@ -2237,6 +2242,11 @@ class Client:
 
 class ServerUnreachable(Exception):
     pass
+
+
+class Overtaken(Fatal):
+    """The server's 409: a release, or another request of this machine,
+    overtook ours while it was signed (App.overtaken)."""
 
 
 def say(message):

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -518,6 +519,33 @@ def test_der_parser_rejects_junk(junk):
 def client(tmp_path):
     return dynfarm.Client("https://127.0.0.1:1", "ca.pem", "", "", str(tmp_path / "state"),
                           str(tmp_path / "root"), 5)
+
+
+def test_a_409_from_the_server_is_an_overtaken_enrollment(client, monkeypatch):
+    def conflict(request, timeout, context):
+        raise dynfarm.urllib.error.HTTPError(request.full_url, 409, "Conflict", {},
+                                             io.BytesIO(b'{"error": "host aruba-0001 was released"}'))
+    monkeypatch.setattr(dynfarm.urllib.request, "urlopen", conflict)
+    monkeypatch.setattr(client, "tls_context", lambda: None)
+    with pytest.raises(dynfarm.Overtaken, match="409 host aruba-0001 was released"):
+        client.call("POST", "/v1/enroll", {})
+
+
+def test_an_overtaken_enrollment_is_tried_once_more(client, monkeypatch):
+    monkeypatch.setattr(dynfarm, "make_csr", lambda key, cn: "CSR")
+    answers = [dynfarm.Overtaken("refused /v1/enroll: 409 host aruba-0001 was released; enroll again"),
+               {"status": "enrolled", "name": "aruba-0002"},
+               dynfarm.Overtaken("refused /v1/enroll: 409"), dynfarm.Overtaken("refused /v1/enroll: 409")]
+
+    def call(method, path, body=None):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    monkeypatch.setattr(client, "call", call)
+    assert client.enroll()["name"] == "aruba-0002"
+    with pytest.raises(dynfarm.Overtaken):          # twice in a row: say so, do not loop
+        client.enroll()
 
 
 def test_ssh_keys_installed_once_after_ten_boots(client, tmp_path):
