@@ -36,6 +36,7 @@ The enrollment API (a client can be written from this):
 
 import argparse
 import base64
+import collections
 import configparser
 import dataclasses
 import datetime
@@ -605,10 +606,14 @@ class Store:
         return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
 
 
+# The columns an enrollment sets, in the order Store's statements take them.
+Enrollment = collections.namedtuple("Enrollment", "serial machine_id hostname host_keys facts client_version "
+                                                  "enrolled_at last_seen")
+
+
 def enrollment_record(serial, machine_id, hostname, host_keys, facts, version):
-    """The columns an enrollment sets, in the order Store's statements take them."""
     now = time.time()
-    return (serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now)
+    return Enrollment(serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now)
 
 
 class Transaction:
@@ -1128,9 +1133,12 @@ def step(do, undo=None, previous=None):
     return {"do": do, "undo": undo, "previous": previous}
 
 
-def sysctl_step(key, value):
-    """key with slashes (net/ipv4/conf/eth0.100/forwarding): interface names may hold dots."""
-    return step(["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={{previous}}"], "/proc/sys/" + key)
+def sysctl_step(key, value, may_be_absent=False):
+    """key with slashes (net/ipv4/conf/eth0.100/forwarding): interface names
+    may hold dots. may_be_absent: a device's key, which sysctl -e skips while
+    the device is not there."""
+    sysctl = ["sysctl", "-qw"] + (["-e"] if may_be_absent else [])
+    return step(sysctl + [f"{key}={value}"], sysctl + [f"{key}={{previous}}"], "/proc/sys/" + key)
 
 
 def links_plan(config, routes):
@@ -1158,14 +1166,16 @@ def forwarding_steps(config, routes):
     by the interface they live behind.
     """
     plan = [sysctl_step("net/ipv4/conf/default/forwarding", 1)]
-    for provider in config.providers.values():
-        key = f"net/ipv4/conf/{provider.interface}/forwarding"
-        plan.append(step(["sysctl", "-qw", "-e", key + "=1"], ["sysctl", "-qw", "-e", key + "={previous}"],
-                         "/proc/sys/" + key))
+    plan += [sysctl_step(f"net/ipv4/conf/{provider.interface}/forwarding", 1, may_be_absent=True)
+             for provider in config.providers.values()]
     if config.mode == "routed":
-        for lan in sorted({routes[link.name][1] for link in config.links.values()}):
-            plan.append(sysctl_step(f"net/ipv4/conf/{lan}/forwarding", 1))
+        plan += [sysctl_step(f"net/ipv4/conf/{lan}/forwarding", 1) for lan in link_interfaces(routes)]
     return plan
+
+
+def link_interfaces(routes):
+    """The interfaces the ways to the linked hosts leave by, each once."""
+    return sorted({interface for _, interface in routes.values()})
 
 
 def bridge_steps(config):
@@ -1240,9 +1250,8 @@ def firewall_steps(config, routes):
         # connections above (and only from the site's side: a VM could forge
         # one about another provider's connection), or path MTU discovery
         # and quick failures break.
-        for lan in sorted({routes[link.name][1] for link in config.links.values()}):
-            rules.append(["-i", lan, "-o", vpn, "-p", "icmp", "-m", "conntrack", "--ctstate", "RELATED",
-                          "-j", "ACCEPT"])
+        rules += [["-i", lan, "-o", vpn, "-p", "icmp", "-m", "conntrack", "--ctstate", "RELATED", "-j", "ACCEPT"]
+                  for lan in link_interfaces(routes)]
     for provider in config.providers.values():
         if provider.vm_to_vm:
             rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])
@@ -1494,9 +1503,8 @@ class App:
         meanwhile lists the live one; the write comes now, and finds the host
         still unrevoked or records nothing.
         """
-        serial = enrollment[0]
         if created:
-            return self.store.holds(name, serial)
+            return self.store.holds(name, enrollment.serial)
         with self.store.one_statement():
             return self.store.record_enrollment(name, pubkey, enrollment)
 
@@ -1505,17 +1513,17 @@ class App:
         the same machine, or its release overtook while it was signed: its
         certificate is not the one on record, so it must not go out."""
         row = self.store.host(name)
-        if row is not None and row["pubkey_sha256"] != pubkey:
-            # released, and the name given to another machine: its entry now
-            return RequestError(409, f"host {name} was released while this request was signed; enroll again")
-        if row is not None and row["revoked_at"] is None:
+        ours = row is not None and row["pubkey_sha256"] == pubkey
+        if ours and row["revoked_at"] is None:
             return RequestError(409, f"host {name} enrolled again while this request was signed; "
                                      "the newer answer stands")
-        # The revoke (or release) removed the ccd entry, maybe before our write.
-        remove_ccd(self.config, provider.name, name)
-        if row is None:
-            return RequestError(409, f"host {name} was released while this request was signed; enroll again")
-        return RequestError(403, f"host {name} is revoked")
+        if row is None or ours:
+            # The release (or revoke) removed the ccd entry, maybe before our
+            # write; a name given to another machine since has its entry now.
+            remove_ccd(self.config, provider.name, name)
+        if ours:
+            return RequestError(403, f"host {name} is revoked")
+        return RequestError(409, f"host {name} was released while this request was signed; enroll again")
 
     def release_host(self, provider, host, token_id):
         """Undo a new host's reservation after a failure.
@@ -1592,7 +1600,7 @@ class App:
         self.free_from[provider.name] = number + 1
         self.store.add_host(name, provider.name, seq, address, pubkey, enrollment)
         return {"name": name, "provider": provider.name, "address": address, "number": number,
-                "serial": enrollment[0]}
+                "serial": enrollment.serial}
 
     def enrollment_answer(self, provider, host, certificate):
         seg = segment(self.config, provider)
