@@ -44,13 +44,14 @@ import fcntl
 import functools
 import hashlib
 import hmac
-import http.server
+import http
 import ipaddress
 import itertools
 import json
 import math
 import os
 import platform
+import queue
 import re
 import secrets
 import selectors
@@ -1801,169 +1802,300 @@ def validate_report(fields):
     return fields
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Parses HTTP and writes answers; the logic is App.handle."""
+MAX_HEAD = 16 * 1024        # request line and headers
 
-    server_version = "dynfarm"
-    protocol_version = "HTTP/1.0"
-    # Buffered, so that an answer's head and body leave in one TLS record
-    # (the default writes each straight to the socket); finish() flushes.
-    wbufsize = 64 * 1024
 
-    def do_GET(self):
-        self.dispatch(b"")
+class Connection:
+    """One client connection: TLS handshake, request, answer, then close.
 
-    def do_POST(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not (length.isascii() and length.isdigit() and len(length) <= 12):
-            return self.answer(411, {"error": "Content-Length required"}, {})
-        if int(length) > MAX_BODY:
-            # Drain a little so that closing with unread data does not reset the
-            # connection before the client reads why; bounded in size and time.
-            if int(length) <= 16 * MAX_BODY:
-                self.rfile.read(int(length))
-            return self.answer(413, {"error": f"body over {MAX_BODY} bytes"}, {})
-        body = self.rfile.read(int(length))
-        if len(body) != int(length):
-            return self.answer(400, {"error": "body shorter than Content-Length"}, {})
-        self.dispatch(body)
+    The server's loop drives it without ever blocking: each step does what
+    the socket allows and returns the event it waits for next, or None when
+    its part is done. TLS raises SSLWantRead/WriteError where it must wait.
+    """
 
-    def dispatch(self, body):
-        cn, key = peer_identity(self.connection)
-        request = Request(self.command, self.path.split("?")[0], body, self.client_address[0], cn, key)
-        started = time.monotonic()
-        try:
-            with self.server.busy:
-                try:
-                    status, answer, headers = self.server.app.handle(request)
-                finally:
-                    self.server.app.store.release()
-        except Exception as e:   # a bug: keep serving, say so in the log
-            log(f"internal error on {request.path}: {e!r}")
-            status, answer, headers = 500, {"error": "internal server error; see the server log"}, {}
-        self.answer(status, answer, headers)
-        if status >= 400:
-            log(f"{request.peer_ip}: {request.method} {request.path} -> {status} {answer.get('error', '')} "
-                f"({(time.monotonic() - started) * 1000:.0f} ms)")
+    def __init__(self, sock, peer, deadline):
+        self.sock = sock
+        self.peer = peer
+        self.deadline = deadline
+        self.identity = ("", "")    # (CN, key id) of a verified client certificate
+        self.received = bytearray()
+        self.head = None            # (method, path, body length) once the head is in
+        self.dropped = 0            # bytes of a body over MAX_BODY, read and let go
+        self.outgoing = None
+        self.step = self.handshake
 
-    def answer(self, status, body, headers):
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-            headers = dict(headers, **{"Content-Type": "application/json"})
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def handshake(self):
+        self.sock.do_handshake()
+        self.identity = peer_identity(self.sock)
+        self.step = self.read
+        return self.read()
 
-    def log_message(self, fmt, *args):
-        pass   # dispatch() logs what matters; the default logs every request
+    def read(self):
+        """None once the whole request is in; RequestError if it is unusable."""
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the peer closed before its request was complete")
+            self.received += chunk
+            if self.head is None:
+                end = self.received.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+                if end < 0:
+                    if len(self.received) >= MAX_HEAD + 4:
+                        raise RequestError(400, f"request head over {MAX_HEAD} bytes")
+                    continue
+                self.head = parse_head(bytes(self.received[:end]))
+                del self.received[:end + 4]
+            if self.head[2] > MAX_BODY:
+                # Read to its end, up to 16 x MAX_BODY (parse_head): closing
+                # with unread data would reset the connection before the
+                # client reads the 413.
+                self.dropped += len(self.received)
+                self.received.clear()
+                if self.dropped >= self.head[2]:
+                    raise RequestError(413, f"body over {MAX_BODY} bytes")
+            elif len(self.received) >= self.head[2]:
+                return None
+
+    def body(self):
+        return bytes(self.received[:self.head[2]])
+
+    def write(self):
+        while self.outgoing:
+            self.outgoing = self.outgoing[self.sock.send(self.outgoing):]
+        return None
+
+
+def parse_head(head):
+    """(method, path, body length) of a request head; RequestError if unusable."""
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        raise RequestError(400, "malformed request line")
+    if not version.startswith("HTTP/1."):
+        raise RequestError(400, "only HTTP/1.x is spoken here")
+    lengths = [line.split(":", 1)[1].strip() for line in lines[1:] if line[:15].lower() == "content-length:"]
+    if not lengths and method != "POST":
+        return method, target.split("?")[0], 0
+    if len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) <= 12):
+        raise RequestError(411, "Content-Length required")
+    length = int(lengths[0])
+    if length > 16 * MAX_BODY:
+        raise RequestError(413, f"body over {MAX_BODY} bytes")
+    return method, target.split("?")[0], length
+
+
+def http_answer(status, body, headers):
+    """The bytes of an HTTP/1.0 answer; a dict body goes out as JSON."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        headers = dict(headers, **{"Content-Type": "application/json"})
+    lines = [f"HTTP/1.0 {status} {http.HTTPStatus(status).phrase}", "Server: dynfarm", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def peer_identity(tls_socket):
     """(CN, key id) of a verified client certificate, or ("", "")."""
-    cert = tls_socket.getpeercert() if hasattr(tls_socket, "getpeercert") else None
+    cert = tls_socket.getpeercert()
     if not cert:
         return "", ""
     cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
     return cn, key_id(cert_public_key(tls_socket.getpeercert(binary_form=True)))
 
 
-class TLSServer(http.server.ThreadingHTTPServer):
-    """TLS per connection, in the connection's own thread, under a deadline.
+class TLSServer:
+    """The enrollment service: one thread runs every connection's TLS and
+    HTTP without blocking, a few workers run App.handle.
 
-    Wrapping the listening socket would run every handshake in the accept
-    loop, where one slow client stalls everyone.
+    A thread per connection cost a thread start, a fresh stack and a fight
+    for the interpreter lock per VM of a boot storm; here 500 VMs booting at
+    once are 500 sockets in one selector, and their work (openssl, sqlite)
+    runs two per core while the rest queue. Each connection has
+    request_timeout from its accept to its last byte out, handshake
+    included: past it, it is closed, so a slow client holds nothing but
+    its socket.
     """
 
-    daemon_threads = True
-    request_queue_size = 1024
     max_connections = 1024
 
     def __init__(self, address, app, tls, timeout):
         self.app = app
         self.tls = tls
         self.request_timeout = timeout
-        # One thread per connection, so connections are capped: past the cap a
-        # new one is closed at once rather than starting yet another thread.
-        self.slots = threading.BoundedSemaphore(self.max_connections)
-        self.watchdog = Watchdog()
-        # Handshakes run in every connection's thread; the work behind them
-        # (openssl, sqlite) runs at most two per core: a thousand VMs booting
-        # at once queue here instead of forking a thousand openssl processes.
-        self.busy = threading.BoundedSemaphore(2 * (os.cpu_count() or 1))
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
-
-    def process_request(self, sock, client_address):
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(sock)
-            return
+        self.socket = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         try:
-            super().process_request(sock, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(1024)
+        except OSError as e:
+            self.socket.close()
+            raise Fatal(f"cannot listen on {address[0]}:{address[1]}: {e.strerror}")
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.socket, selectors.EVENT_READ)
+        # Workers hand answers back through a queue, and wake the loop with
+        # a byte on this pair.
+        self.wake_in, self.wake_out = socket.socketpair()
+        for sock in (self.wake_in, self.wake_out):
+            sock.setblocking(False)
+        self.selector.register(self.wake_in, selectors.EVENT_READ)
+        self.requests = queue.SimpleQueue()
+        self.answers = queue.SimpleQueue()
+        self.connections = set()     # touched by the loop's thread only
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.workers = [threading.Thread(target=self.work, daemon=True, name="dynfarm-worker")
+                        for _ in range(2 * (os.cpu_count() or 1))]
+        for worker in self.workers:
+            worker.start()
 
-    def finish_request(self, sock, client_address):
-        # One deadline for the whole request, handshake included: the
-        # watchdog shuts the socket when it passes, which ends whatever read
-        # or write is blocked on it. So the socket stays blocking: a timeout
-        # on it would add a poll() to every read and write.
+    def serve_forever(self):
+        self.stopped.clear()
+        sweep = time.monotonic()
         try:
-            conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        except OSError:
+            while not self.stopping.is_set():
+                for key, _ in self.selector.select(0.25):
+                    if key.fileobj is self.socket:
+                        self.accept()
+                    elif key.fileobj is self.wake_in:
+                        self.take_answers()
+                    elif key.data in self.connections:
+                        try:
+                            self.advance(key.data)
+                        except Exception as e:   # a bug: keep serving the others, say so in the log
+                            log(f"internal error on a connection from {key.data.peer[0]}: {e!r}")
+                            self.close(key.data)
+                if time.monotonic() >= sweep:
+                    self.close_late()
+                    sweep = time.monotonic() + 0.25
+        finally:
+            self.stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever (running in another thread) and wait for it."""
+        self.stopping.set()
+        self.wake()
+        self.stopped.wait()
+
+    def server_close(self):
+        for conn in list(self.connections):
+            self.close(conn)
+        for _ in self.workers:
+            self.requests.put(None)
+        self.selector.close()
+        for sock in (self.socket, self.wake_in, self.wake_out):
             sock.close()
-            return
-        self.watchdog.watch(conn, self.request_timeout)
-        try:
-            conn.do_handshake()
-            self.RequestHandlerClass(conn, client_address, self)
-        except OSError:
-            pass   # the peer went away or was too slow: nothing to answer
-        finally:
-            self.watchdog.forget(conn)
-            conn.close()
 
-    def process_request_thread(self, sock, client_address):
-        try:
-            super().process_request_thread(sock, client_address)
-        finally:
-            self.slots.release()
-
-
-class Watchdog:
-    """One thread that shuts connections past their deadline (a timer per
-    connection would double the threads of a boot storm)."""
-
-    def __init__(self):
-        self.deadlines = {}
-        self.lock = threading.Lock()
-        threading.Thread(target=self.loop, daemon=True, name="dynfarm-watchdog").start()
-
-    def watch(self, sock, seconds):
-        with self.lock:
-            self.deadlines[sock] = time.monotonic() + seconds
-
-    def forget(self, sock):
-        with self.lock:
-            self.deadlines.pop(sock, None)
-
-    def loop(self):
+    def accept(self):
+        while len(self.connections) < self.max_connections:
+            try:
+                sock, peer = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:       # out of file descriptors: serve those there are
+                log(f"accept: {e.strerror}")
+                return
+            sock.setblocking(False)
+            try:
+                tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:            # reset before we got to it
+                sock.close()
+                continue
+            conn = Connection(tls, peer, time.monotonic() + self.request_timeout)
+            self.connections.add(conn)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        # At the cap: close what waits, rather than let it time out unseen.
         while True:
-            time.sleep(0.25)
-            now = time.monotonic()
-            with self.lock:
-                late = [sock for sock, deadline in self.deadlines.items() if deadline < now]
-                for sock in late:
-                    del self.deadlines[sock]
-            for sock in late:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            try:
+                self.socket.accept()[0].close()
+            except OSError:
+                return
+
+    def advance(self, conn):
+        try:
+            wanted = conn.step()
+        except ssl.SSLWantReadError:
+            wanted = selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            wanted = selectors.EVENT_WRITE
+        except RequestError as e:
+            return self.answer(conn, http_answer(e.status, {"error": str(e)}, {}))
+        except (OSError, ValueError):    # the peer went away, or spoke no TLS
+            return self.close(conn)
+        if wanted is not None:
+            self.selector.modify(conn.sock, wanted, conn)
+        elif conn.step == conn.read:     # the request is in: to a worker
+            self.selector.unregister(conn.sock)
+            self.requests.put(conn)
+        else:
+            self.close(conn)
+
+    def work(self):
+        while True:
+            conn = self.requests.get()
+            if conn is None:
+                return
+            self.answers.put((conn, self.dispatch(conn)))
+            self.wake()
+
+    def dispatch(self, conn):
+        method, path, _ = conn.head
+        request = Request(method, path, conn.body(), conn.peer[0], *conn.identity)
+        started = time.monotonic()
+        try:
+            try:
+                status, answer, headers = self.app.handle(request)
+            finally:
+                self.app.store.release()
+        except Exception as e:   # a bug: keep serving, say so in the log
+            log(f"internal error on {request.path}: {e!r}")
+            status, answer, headers = 500, {"error": "internal server error; see the server log"}, {}
+        if status >= 400:
+            log(f"{request.peer_ip}: {request.method} {request.path} -> {status} {answer.get('error', '')} "
+                f"({(time.monotonic() - started) * 1000:.0f} ms)")
+        return http_answer(status, answer, headers)
+
+    def wake(self):
+        try:
+            self.wake_out.send(b".")
+        except BlockingIOError:
+            pass    # wake-ups are pending already
+
+    def take_answers(self):
+        try:
+            while self.wake_in.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                conn, data = self.answers.get_nowait()
+            except queue.Empty:
+                return
+            if conn in self.connections:     # else closed at its deadline meanwhile
+                self.selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+                self.answer(conn, data)
+
+    def answer(self, conn, data):
+        conn.outgoing = memoryview(data)
+        conn.step = conn.write
+        self.advance(conn)
+
+    def close_late(self):
+        now = time.monotonic()
+        for conn in [c for c in self.connections if c.deadline < now]:
+            self.close(conn)
+
+    def close(self, conn):
+        self.connections.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except KeyError:
+            pass
+        conn.sock.close()
 
 
 def server_tls_context(config):

@@ -1,9 +1,11 @@
-"""The real enrollment server (TLS, threads, sqlite) on 127.0.0.1, fed bad input.
+"""The real enrollment server (TLS, its loop and workers, sqlite) on 127.0.0.1, fed bad input.
 
 Each bad request must get a 4xx or a closed connection, the server must keep
 serving, and the database must not change.
 """
 
+import dataclasses
+import hashlib
 import json
 import socket
 import ssl
@@ -185,3 +187,90 @@ def test_a_client_trickling_bytes_is_cut_off_at_the_deadline(server):
                 pass
     assert time.monotonic() - started < 8          # request_timeout is 2 s here
     assert healthy(httpd, ctx)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    (b"GET /v1/health HTTP/1.0\r\nX-Big: " + b"a" * (dynfarm.MAX_HEAD + 1) + b"\r\n\r\n", 400),
+    (b"POST /v1/enroll HTTP/1.0\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 411),
+    (b"POST /v1/enroll HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411),
+])
+def test_bad_request_heads(server, head, status):
+    httpd, ctx, store = server
+    before = db_snapshot(store)
+    assert raw_tls(httpd, ctx, head).split()[1] == str(status)
+    assert db_snapshot(store) == before
+    assert healthy(httpd, ctx)
+
+
+def test_a_bug_in_a_request_gets_500_and_the_server_keeps_serving(server, monkeypatch):
+    httpd, ctx, _ = server
+    handle = httpd.app.handle
+
+    def broken_once(request):
+        monkeypatch.setattr(httpd.app, "handle", handle)
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(httpd.app, "handle", broken_once)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        healthy(httpd, ctx)
+    assert refused.value.code == 500
+    assert healthy(httpd, ctx)
+
+
+class SmallSendBuffers:
+    """The server's TLS context, but each connection gets a 4 KiB send buffer."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def wrap_socket(self, sock, **kwargs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return self.ctx.wrap_socket(sock, **kwargs)
+
+
+def test_a_large_answer_reaches_a_slow_reader_whole(server, monkeypatch):
+    """The client source (about 150 KB) through small socket buffers: the
+    server's writes stop and resume many times, and nothing is lost."""
+    httpd, ctx, _ = server
+    monkeypatch.setattr(httpd, "tls", SmallSendBuffers(httpd.tls))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", httpd.server_address[1]))
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /v1/client HTTP/1.0\r\n\r\n")
+            time.sleep(0.3)                     # let the server fill the buffers and wait
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert body == dynfarm.read_own_source()
+    assert hashlib.sha256(body).hexdigest().encode() in head
+
+
+def test_connections_past_the_cap_are_closed_at_once(server):
+    httpd, ctx, _ = server
+    httpd.max_connections = 3
+    httpd.request_timeout = 60                   # so that only the cap can close them here
+    idle = [socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) for _ in range(3)]
+    try:
+        time.sleep(0.3)                          # accepted, waiting for their handshakes
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as extra:
+            assert extra.recv(1) == b""          # closed, where a timeout would raise
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while len(httpd.connections) >= 3 and time.monotonic() < deadline:
+        time.sleep(0.05)                         # until the server has seen them go
+    assert healthy(httpd, ctx)
+
+
+def test_a_busy_port_is_one_clear_error(site):
+    config = site[0]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(dynfarm.Fatal, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            dynfarm.serve(dataclasses.replace(config, listen_host="127.0.0.1", listen_port=port))
