@@ -53,6 +53,7 @@ import os
 import platform
 import queue
 import re
+import resource
 import secrets
 import selectors
 import shlex
@@ -1912,10 +1913,11 @@ class TLSServer:
     A thread per connection cost a thread start, a fresh stack and a fight
     for the interpreter lock per VM of a boot storm; here 500 VMs booting at
     once are 500 sockets in one selector, and their work (openssl, sqlite)
-    runs two per core while the rest queue. Each connection has
-    request_timeout from its accept to its last byte out, handshake
-    included: past it, it is closed, so a slow client holds nothing but
-    its socket.
+    runs two per core while the rest queue. A connection has
+    request_timeout for its handshake and request, and again for taking
+    its answer: past either it is closed, so a slow client holds nothing
+    but its socket. Its wait for a worker does not count: in a boot storm
+    the queue is the server's slowness, not the client's.
     """
 
     max_connections = 1024
@@ -1936,6 +1938,7 @@ class TLSServer:
         self.server_address = self.socket.getsockname()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ)
+        self.accepting = True
         # Workers hand answers back through a queue, and wake the loop with
         # a byte on this pair.
         self.wake_in, self.wake_out = socket.socketpair()
@@ -1970,6 +1973,9 @@ class TLSServer:
                             self.close(key.data)
                 if time.monotonic() >= sweep:
                     self.close_late()
+                    if not self.accepting:
+                        self.selector.register(self.socket, selectors.EVENT_READ)
+                        self.accepting = True
                     sweep = time.monotonic() + 0.25
         finally:
             self.stopped.set()
@@ -1995,8 +2001,12 @@ class TLSServer:
                 sock, peer = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:       # out of file descriptors: serve those there are
-                log(f"accept: {e.strerror}")
+            except OSError as e:
+                # Out of file descriptors, say: the listener would stay
+                # readable and spin the loop, so it rests until the next sweep.
+                log(f"accept: {e.strerror}; not accepting for a moment")
+                self.selector.unregister(self.socket)
+                self.accepting = False
                 return
             sock.setblocking(False)
             try:
@@ -2029,6 +2039,7 @@ class TLSServer:
             self.selector.modify(conn.sock, wanted, conn)
         elif conn.step == conn.read:     # the request is in: to a worker
             self.selector.unregister(conn.sock)
+            conn.deadline = None         # waiting for us is not the client's slowness
             self.requests.put(conn)
         else:
             self.close(conn)
@@ -2075,7 +2086,8 @@ class TLSServer:
                 conn, data = self.answers.get_nowait()
             except queue.Empty:
                 return
-            if conn in self.connections:     # else closed at its deadline meanwhile
+            if conn in self.connections:
+                conn.deadline = time.monotonic() + self.request_timeout
                 self.selector.register(conn.sock, selectors.EVENT_WRITE, conn)
                 self.answer(conn, data)
 
@@ -2086,7 +2098,7 @@ class TLSServer:
 
     def close_late(self):
         now = time.monotonic()
-        for conn in [c for c in self.connections if c.deadline < now]:
+        for conn in [c for c in self.connections if c.deadline is not None and c.deadline < now]:
             self.close(conn)
 
     def close(self, conn):
@@ -2112,6 +2124,7 @@ def server_tls_context(config):
 
 
 def serve(config, ready=None):
+    raise_open_files_limit(TLSServer.max_connections + 256)
     store = open_store(config)
     app = App(config, store, PKI(config.state("pki")))
     server = TLSServer((config.listen_host, config.listen_port), app, server_tls_context(config),
@@ -2124,6 +2137,16 @@ def serve(config, ready=None):
         server.serve_forever()
     finally:
         server.server_close()
+
+
+def raise_open_files_limit(wanted):
+    """Raise this process's soft limit on open files toward wanted, as far
+    as the hard limit allows: systemd starts services with 1024, fewer than
+    a full house of connections plus the files the server keeps open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY
+                                                    else min(wanted, hard), hard))
 
 
 def read_own_source():

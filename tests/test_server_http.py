@@ -6,9 +6,14 @@ serving, and the database must not change.
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import os
+import resource
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -274,3 +279,65 @@ def test_a_busy_port_is_one_clear_error(site):
         port = taken.getsockname()[1]
         with pytest.raises(dynfarm.Fatal, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             dynfarm.serve(dataclasses.replace(config, listen_host="127.0.0.1", listen_port=port))
+
+
+def test_a_request_waiting_for_a_worker_is_not_cut_off(server, monkeypatch):
+    """request_timeout (2 s here) bounds the client's slowness, not the
+    server's queue: requests held past it by busy workers are still answered."""
+    httpd, ctx, _ = server
+    release, handle = threading.Event(), httpd.app.handle
+
+    def held(request):
+        release.wait(10)
+        return handle(request)
+    monkeypatch.setattr(httpd.app, "handle", held)
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(healthy(httpd, ctx)))
+               for _ in range(len(httpd.workers) + 2)]
+    for client in clients:
+        client.start()
+    time.sleep(3)
+    release.set()
+    for client in clients:
+        client.join(10)
+    assert results == [True] * len(clients)
+
+
+def test_out_of_file_descriptors_pauses_accepting_without_spinning(server, monkeypatch):
+    httpd, ctx, _ = server
+    calls, accept = [], httpd.accept
+    monkeypatch.setattr(httpd, "accept", lambda: (calls.append(1), accept()))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Another process connects and holds on while this one has no descriptor
+    # left to accept with.
+    holder = subprocess.Popen([sys.executable, "-c", "import socket, sys, time\n"
+                               f"s = socket.create_connection(('127.0.0.1', {httpd.server_address[1]}))\n"
+                               "sys.stdout.write('in\\n'); sys.stdout.flush(); time.sleep(1.5)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        # A descriptor must be below the limit: the lowest free one is not.
+        lowest_free = next(fd for fd in itertools.count(3) if not os.path.exists(f"/proc/self/fd/{fd}"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            assert holder.stdout.readline() == "in\n"
+            holder.wait(10)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert 0 < len(calls) < 50      # a spinning loop calls accept() thousands of times in 1.5 s
+    assert healthy(httpd, ctx)
+
+
+def test_the_open_files_limit_is_raised_as_far_as_allowed():
+    """In a child process: a hard limit lowered there cannot be raised again."""
+    script = ("import resource, dynfarm\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+              "dynfarm.raise_open_files_limit(2048)\n"
+              "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+              "dynfarm.raise_open_files_limit(8192)\n"
+              "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(dynfarm.__file__)))
+    assert done.stdout.split("\n")[:2] == ["(2048, 4096)", "(4096, 4096)"]
