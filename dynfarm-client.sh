@@ -48,6 +48,9 @@ usage() {
         '  DYNFARM_PY        where dynfarm.py lives (default /usr/local/sbin/dynfarm.py)' \
         '  DYNFARM_STATE     the client state directory (default /var/lib/dynfarm)' \
         '  DYNFARM_LOG       the log file (default /var/log/dynfarm-client.log)' \
+        '  DYNFARM_WAIT      seconds a first boot keeps trying a server that does not' \
+        '                    answer, for dynfarm.py and for the enrollment (default 300;' \
+        '                    0 tries once); later boots use what they stored at once' \
         '' \
         'example:' \
         '  DYNFARM_SERVER=https://203.0.113.1:8443' \
@@ -153,6 +156,7 @@ read_settings() {
     cfg_py=''
     cfg_state=''
     cfg_log=''
+    cfg_wait=''
     rs_unknown=''
     rs_lineno=0
     while IFS= read -r rs_line || [ -n "$rs_line" ]; do
@@ -191,6 +195,7 @@ read_settings() {
             DYNFARM_PY) cfg_py=$rs_value ;;
             DYNFARM_STATE) cfg_state=$rs_value ;;
             DYNFARM_LOG) cfg_log=$rs_value ;;
+            DYNFARM_WAIT) cfg_wait=$rs_value ;;
             *)
                 case " $rs_unknown " in
                     *" $rs_key "*) ;;
@@ -205,6 +210,7 @@ read_settings() {
     : "${cfg_py:=/usr/local/sbin/dynfarm.py}"
     : "${cfg_state:=/var/lib/dynfarm}"
     : "${cfg_log:=/var/log/dynfarm-client.log}"
+    : "${cfg_wait:=300}"
     check_settings
 }
 
@@ -232,6 +238,9 @@ check_settings() {
     if [ ! -f "$cfg_ca" ]; then
         err "$settings_file: DYNFARM_CA $cfg_ca does not exist; copy the site CA certificate there" 2
     fi
+    case "$cfg_wait" in
+        '' | *[!0-9]*) err "$settings_file: DYNFARM_WAIT must be a whole number of seconds, not '$cfg_wait'" 2 ;;
+    esac
 }
 
 open_log() {
@@ -347,15 +356,44 @@ install_packages() {
 
 # === dynfarm.py ===
 
+# A server that does not answer (exit 3 of fetch_client_py) is tried again
+# for up to DYNFARM_WAIT seconds, as dynfarm.py client does for enrolling: it
+# may be restarting, or turning away a boot storm past its connection cap.
 ensure_client_py() {
     if [ -f "$cfg_py" ]; then
         return 0
     fi
     say "fetching $cfg_server/v1/client into $cfg_py"
-    if ! ecp_out=$(fetch_client_py 2>&1); then
-        err "cannot fetch dynfarm.py: ${ecp_out:-unknown error}" 1
-    fi
+    ecp_left=$cfg_wait
+    ecp_step=2
+    while :; do
+        ecp_rc=0
+        ecp_out=$(fetch_client_py 2>&1) || ecp_rc=$?
+        if [ "$ecp_rc" -eq 0 ]; then
+            break
+        fi
+        if [ "$ecp_rc" -ne 3 ] || [ "$ecp_left" -le 0 ]; then
+            err "cannot fetch dynfarm.py: ${ecp_out:-unknown error}" 1
+        fi
+        ecp_pause=$(jittered_pause "$ecp_step" "$ecp_left")
+        say "$ecp_out; trying again in ${ecp_pause}s"
+        sleep "$ecp_pause"
+        ecp_left=$((ecp_left - ecp_pause))
+        ecp_step=$((ecp_step * 2))
+        if [ "$ecp_step" -gt 30 ]; then
+            ecp_step=30
+        fi
+    done
     say "installed $cfg_py (sha256 $ecp_out)"
+}
+
+# jittered_pause STEP LEFT: whole seconds between STEP/2 and 3*STEP/2, at most
+# LEFT, at least 1: VMs turned away together must not all come back together
+# (POSIX sh has no random numbers; python3 is there by now).
+jittered_pause() {
+    python3 -c 'import random, sys
+step, left = int(sys.argv[1]), int(sys.argv[2])
+print(max(1, min(left, round(random.uniform(step / 2, step * 1.5)))))' "$1" "$2"
 }
 
 # fetch_client_py: GET $cfg_server/v1/client trusting only $cfg_ca, with the
@@ -437,7 +475,10 @@ def main():
         return 1
     except urllib.error.URLError as e:
         print(f"cannot reach {url}: {e.reason}")
-        return 1
+        return 1 if isinstance(e.reason, ssl.SSLError) else 3    # 3: nobody answered
+    except (ConnectionError, TimeoutError) as e:
+        print(f"{url}: {e}")
+        return 3
     except (OSError, ValueError) as e:
         print(f"{url}: {e}")
         return 1
@@ -454,7 +495,7 @@ EOF
 
 # run_client: the token travels in the environment, where ps cannot see it.
 run_client() {
-    set -- "$cfg_py" client --server "$cfg_server" --ca "$cfg_ca" --state-dir "$cfg_state"
+    set -- "$cfg_py" client --server "$cfg_server" --ca "$cfg_ca" --state-dir "$cfg_state" --wait "$cfg_wait"
     if [ -n "$cfg_provider" ]; then
         set -- "$@" --provider "$cfg_provider"
     fi

@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import queue
+import random
 import re
 import resource
 import secrets
@@ -2163,7 +2164,7 @@ class Client:
     never leaves the machine.
     """
 
-    def __init__(self, server, ca, token, provider, state_dir, home, timeout):
+    def __init__(self, server, ca, token, provider, state_dir, home, timeout, wait=0):
         self.server = server.rstrip("/")
         self.ca = ca
         self.token = token
@@ -2171,6 +2172,7 @@ class Client:
         self.dir = state_dir
         self.home = home
         self.timeout = timeout
+        self.wait = wait            # how long a first enrollment keeps trying an unreachable server
         self.steps = []
 
     def path(self, name):
@@ -2200,14 +2202,23 @@ class Client:
     # enrollment
 
     def enroll_or_stored(self):
-        try:
-            answer = self.enroll()
-        except ServerUnreachable as e:
-            stored = self.stored_answer()
-            if stored is None:
-                raise Fatal(f"enrollment server unreachable ({e}) and nothing stored from an earlier boot")
-            say(f"enrollment server unreachable ({e}); using the configuration stored at the last enrollment")
-            return stored
+        pauses = retry_pauses(self.wait)
+        while True:
+            try:
+                answer = self.enroll()
+                break
+            except ServerUnreachable as e:
+                stored = self.stored_answer()
+                if stored is not None:
+                    say(f"enrollment server unreachable ({e}); using the configuration stored at the last "
+                        "enrollment")
+                    return stored
+                pause = next(pauses, None)
+                if pause is None:
+                    raise Fatal(f"enrollment server unreachable ({e}) and nothing stored from an earlier boot"
+                                + (f" (kept trying for {self.wait:.0f}s)" if self.wait else ""))
+                say(f"enrollment server unreachable ({e}); trying again in {pause:.0f}s")
+                time.sleep(pause)
         write_file(self.path("client.crt"), answer["certificate"], 0o644)
         write_file(self.path("enrollment.json"), json.dumps(answer, indent=1), 0o600)
         say(f"enrolled as {answer['name']} ({answer['provider']}) at {answer['address']}")
@@ -2401,6 +2412,23 @@ class Client:
             self.call("POST", "/v1/report", {"ok": ok, "steps": self.steps, "ready_seconds": round(ready, 3)})
         except (ServerUnreachable, Fatal) as e:
             say(f"report not sent ({e}); not needed to run")
+
+
+# A first enrollment outlasts a server that restarts, or a boot storm past its
+# connection cap: tries spaced 2, 4, 8, 15, then 30 s, each spread by half
+# either way so that VMs refused together do not all come back together.
+RETRY_STEPS = (2, 4, 8, 15, 30)
+
+
+def retry_pauses(wait):
+    """The pauses between tries, jittered, together at most wait seconds."""
+    left = wait
+    for step in itertools.chain(RETRY_STEPS, itertools.repeat(RETRY_STEPS[-1])):
+        if left <= 0:
+            return
+        pause = min(left, random.uniform(step / 2, step * 1.5))
+        left -= pause
+        yield pause
 
 
 class ServerUnreachable(Exception):
@@ -3210,7 +3238,7 @@ def cmd_client(args, config):
     if not os.path.isfile(args.ca):
         raise Fatal(f"{args.ca}: no such CA file (the site CA to pin; 'bootstrap' installs it)", code=2)
     client = Client(args.server, args.ca, token, args.provider, args.state_dir,
-                    os.path.expanduser("~root"), args.timeout)
+                    os.path.expanduser("~root"), args.timeout, args.wait)
     return client.main()
 
 
@@ -3371,6 +3399,9 @@ def build_parser():
     p.add_argument("--state-dir", default=CLIENT_STATE_DIR, help=f"where the client keeps its state "
                                                                  f"(default {CLIENT_STATE_DIR})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server and the tunnel")
+    p.add_argument("--wait", type=float, default=300.0,
+                   help="on the first boot, seconds to keep trying a server that does not answer (default "
+                        "300; 0 tries once); later boots use what they stored at once")
     p.set_defaults(func=cmd_client, needs_config=False)
 
     p = sub.add_parser(

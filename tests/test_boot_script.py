@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
@@ -214,9 +215,9 @@ def world(tmp_path, shell):
     return w
 
 
-def expected_argv(w, provider="aruba", server=SERVER, py=None, ca=None):
+def expected_argv(w, provider="aruba", server=SERVER, py=None, ca=None, wait="300"):
     argv = [str(py or w.py), "client", "--server", server, "--ca", str(ca or w.ca),
-            "--state-dir", str(w.state)]
+            "--state-dir", str(w.state), "--wait", wait]
     if provider:
         argv += ["--provider", provider]
     return argv
@@ -260,7 +261,7 @@ def test_help_explains_every_setting(world):
     assert result.returncode == 0
     assert result.stderr == ""
     for key in ("DYNFARM_SERVER", "DYNFARM_CA", "DYNFARM_TOKEN", "DYNFARM_PROVIDER",
-                "DYNFARM_PY", "DYNFARM_STATE", "DYNFARM_LOG", "/etc/dynfarm/client.conf"):
+                "DYNFARM_PY", "DYNFARM_STATE", "DYNFARM_LOG", "DYNFARM_WAIT", "/etc/dynfarm/client.conf"):
         assert key in result.stdout
     assert world.client_calls() == []
 
@@ -300,6 +301,8 @@ def test_missing_required_key_exit_2(world, key, how):
     ({"DYNFARM_CA": "/nonexistent/ca.pem"}, "/nonexistent/ca.pem"),
     ({"DYNFARM_CA": "etc/ca.pem"}, "absolute"),
     ({"DYNFARM_LOG": "dynfarm.log"}, "DYNFARM_LOG"),
+    ({"DYNFARM_WAIT": "5m"}, "DYNFARM_WAIT must be a whole number of seconds, not '5m'"),
+    ({"DYNFARM_WAIT": "-1"}, "DYNFARM_WAIT"),
 ])
 def test_bad_settings_exit_2(world, settings, needle):
     world.write_settings(**settings)
@@ -656,11 +659,11 @@ class ClientSource(http.server.BaseHTTPRequestHandler):
 def https_server(pki):
     servers = []
 
-    def start(cert="good", mode="good"):
+    def start(cert="good", mode="good", port=0):
         certfile, keyfile = pki[cert]
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certfile, keyfile)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ClientSource)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), ClientSource)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         server.mode = mode
         server.requests = []
@@ -676,11 +679,11 @@ def https_server(pki):
         thread.join(5)
 
 
-def fetch_world(world, pki, url, make_dir=False):
+def fetch_world(world, pki, url, make_dir=False, **settings):
     py = world.tmp / "fresh" / "sbin" / "dynfarm.py"
     if make_dir:
         py.parent.mkdir(parents=True)
-    world.write_settings(DYNFARM_SERVER=url, DYNFARM_CA=str(pki["ca"]), DYNFARM_PY=str(py))
+    world.write_settings(DYNFARM_SERVER=url, DYNFARM_CA=str(pki["ca"]), DYNFARM_PY=str(py), **settings)
     return py
 
 
@@ -728,8 +731,38 @@ def test_fetch_failure_exits_1_and_writes_nothing(world, pki, https_server, cert
 
 
 def test_fetch_from_unreachable_server_exits_1(world, pki):
-    py = fetch_world(world, pki, "https://127.0.0.1:1")
+    py = fetch_world(world, pki, "https://127.0.0.1:1", DYNFARM_WAIT="0")
     result = world.run()
     assert result.returncode == 1
     assert "cannot reach https://127.0.0.1:1/v1/client" in result.stderr
+    assert "trying again" not in result.stderr
     assert not py.exists()
+    assert world.client_calls() == []
+
+
+def test_fetch_keeps_trying_an_unreachable_server_for_its_wait(world, pki):
+    py = fetch_world(world, pki, "https://127.0.0.1:1", DYNFARM_WAIT="3")
+    result = world.run()
+    assert result.returncode == 1
+    assert re.search(r"Connection refused; trying again in [1-3]s", result.stderr)
+    assert "cannot fetch dynfarm.py: cannot reach https://127.0.0.1:1/v1/client" in errors(result)[0]
+    assert not py.exists()
+
+
+def test_fetch_waits_for_a_server_that_comes_up(world, pki, https_server):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    py = fetch_world(world, pki, f"https://127.0.0.1:{port}", DYNFARM_WAIT="60")
+    timer = threading.Timer(2.5, https_server, kwargs={"port": port})
+    timer.start()
+    try:
+        result = world.run()
+    finally:
+        timer.join()
+    assert result.returncode == 0, result.stderr
+    assert "trying again in" in result.stderr
+    assert py.read_bytes() == CLIENT_BODY
+    [call] = world.client_calls()
+    assert call["argv"] == expected_argv(world, server=f"https://127.0.0.1:{port}", py=py, ca=pki["ca"],
+                                         wait="60")
