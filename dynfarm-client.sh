@@ -239,7 +239,10 @@ check_settings() {
         err "$settings_file: DYNFARM_CA $cfg_ca does not exist; copy the site CA certificate there" 2
     fi
     case "$cfg_wait" in
-        '' | *[!0-9]*) err "$settings_file: DYNFARM_WAIT must be a whole number of seconds, not '$cfg_wait'" 2 ;;
+        # No leading zero: shell arithmetic would read the number as octal.
+        '' | *[!0-9]* | 0?*)
+            err "$settings_file: DYNFARM_WAIT must be a whole number of seconds, not '$cfg_wait'" 2
+            ;;
     esac
 }
 
@@ -364,7 +367,7 @@ ensure_client_py() {
         return 0
     fi
     say "fetching $cfg_server/v1/client into $cfg_py"
-    ecp_left=$cfg_wait
+    ecp_deadline=$(($(date +%s) + cfg_wait))
     ecp_step=2
     while :; do
         ecp_rc=0
@@ -372,13 +375,13 @@ ensure_client_py() {
         if [ "$ecp_rc" -eq 0 ]; then
             break
         fi
+        ecp_left=$((ecp_deadline - $(date +%s)))
         if [ "$ecp_rc" -ne 3 ] || [ "$ecp_left" -le 0 ]; then
             err "cannot fetch dynfarm.py: ${ecp_out:-unknown error}" 1
         fi
         ecp_pause=$(jittered_pause "$ecp_step" "$ecp_left")
         say "$ecp_out; trying again in ${ecp_pause}s"
         sleep "$ecp_pause"
-        ecp_left=$((ecp_left - ecp_pause))
         ecp_step=$((ecp_step * 2))
         if [ "$ecp_step" -gt 30 ]; then
             ecp_step=30
@@ -405,6 +408,7 @@ fetch_client_py() {
     python3 - "$cfg_server/v1/client" "$cfg_ca" "$cfg_py" <<'EOF'
 import hashlib
 import os
+import socket
 import ssl
 import sys
 import tempfile
@@ -475,8 +479,10 @@ def main():
         return 1
     except urllib.error.URLError as e:
         print(f"cannot reach {url}: {e.reason}")
-        return 1 if isinstance(e.reason, ssl.SSLError) else 3    # 3: nobody answered
-    except (ConnectionError, TimeoutError) as e:
+        # 3: nobody answered, or the connection was dropped (a server at its
+        # connection cap closes it at once); a certificate refused is final.
+        return 1 if isinstance(e.reason, ssl.SSLCertVerificationError) else 3
+    except (ConnectionError, socket.timeout) as e:     # socket.timeout: TimeoutError from 3.10
         print(f"{url}: {e}")
         return 3
     except (OSError, ValueError) as e:

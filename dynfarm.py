@@ -1805,6 +1805,10 @@ def validate_report(fields):
 
 
 MAX_HEAD = 16 * 1024        # request line and headers
+# TLS records one connection may read per turn of the loop: a peer sending
+# one-byte records must not keep the loop from everyone else.
+READS_PER_TURN = 16
+HEAD_END = re.compile(rb"\r?\n\r?\n")    # a bare LF ends lines too (RFC 9112, 2.2)
 
 
 class Connection:
@@ -1821,6 +1825,7 @@ class Connection:
         self.deadline = deadline
         self.identity = ("", "")    # (CN, key id) of a verified client certificate
         self.received = bytearray()
+        self.searched = 0           # where the search for the end of the head goes on from
         self.head = None            # (method, path, body length) once the head is in
         self.dropped = 0            # bytes of a body over MAX_BODY, read and let go
         self.outgoing = None
@@ -1834,19 +1839,20 @@ class Connection:
 
     def read(self):
         """None once the whole request is in; RequestError if it is unusable."""
-        while True:
+        for _ in range(READS_PER_TURN):
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("the peer closed before its request was complete")
             self.received += chunk
             if self.head is None:
-                end = self.received.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-                if end < 0:
+                end = HEAD_END.search(self.received, self.searched, MAX_HEAD + 4)
+                if end is None:
                     if len(self.received) >= MAX_HEAD + 4:
                         raise RequestError(400, f"request head over {MAX_HEAD} bytes")
+                    self.searched = max(0, len(self.received) - 3)
                     continue
-                self.head = parse_head(bytes(self.received[:end]))
-                del self.received[:end + 4]
+                self.head = parse_head(bytes(self.received[:end.start()]))
+                del self.received[:end.end()]
             if self.head[2] > MAX_BODY:
                 # Read to its end, up to 16 x MAX_BODY (parse_head): closing
                 # with unread data would reset the connection before the
@@ -1857,6 +1863,10 @@ class Connection:
                     raise RequestError(413, f"body over {MAX_BODY} bytes")
             elif len(self.received) >= self.head[2]:
                 return None
+        # The rest waits for the next turn. OpenSSL reads no further ahead
+        # than the record it returns, so what is left is still in the
+        # kernel's buffer, and the selector says so.
+        return selectors.EVENT_READ
 
     def body(self):
         return bytes(self.received[:self.head[2]])
@@ -1870,7 +1880,8 @@ class Connection:
 def parse_head(head):
     """(method, path, body length) of a request head; RequestError if unusable."""
     try:
-        lines = head.decode("latin-1").split("\r\n")
+        # Empty lines before the request line are ignored (RFC 9112, 2.2).
+        lines = re.split(r"\r?\n", head.decode("latin-1").strip("\r\n"))
         method, target, version = lines[0].split(" ")
     except ValueError:
         raise RequestError(400, "malformed request line")
@@ -1922,6 +1933,7 @@ class TLSServer:
     """
 
     max_connections = 1024
+    workers_per_core = 2
 
     def __init__(self, address, app, tls, timeout):
         self.app = app
@@ -1952,7 +1964,7 @@ class TLSServer:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.workers = [threading.Thread(target=self.work, daemon=True, name="dynfarm-worker")
-                        for _ in range(2 * (os.cpu_count() or 1))]
+                        for _ in range(self.workers_per_core * (os.cpu_count() or 1))]
         for worker in self.workers:
             worker.start()
 
@@ -1997,7 +2009,7 @@ class TLSServer:
             sock.close()
 
     def accept(self):
-        while len(self.connections) < self.max_connections:
+        while True:
             try:
                 sock, peer = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -2009,6 +2021,9 @@ class TLSServer:
                 self.selector.unregister(self.socket)
                 self.accepting = False
                 return
+            if len(self.connections) >= self.max_connections:
+                sock.close()           # at the cap: at once, rather than time out unseen
+                continue
             sock.setblocking(False)
             try:
                 tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -2018,12 +2033,6 @@ class TLSServer:
             conn = Connection(tls, peer, time.monotonic() + self.request_timeout)
             self.connections.add(conn)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-        # At the cap: close what waits, rather than let it time out unseen.
-        while True:
-            try:
-                self.socket.accept()[0].close()
-            except OSError:
-                return
 
     def advance(self, conn):
         try:
@@ -2050,7 +2059,12 @@ class TLSServer:
             conn = self.requests.get()
             if conn is None:
                 return
-            self.answers.put((conn, self.dispatch(conn)))
+            try:
+                data = self.dispatch(conn)
+            except Exception as e:   # a bug: answer 500, keep this worker, say so in the log
+                log(f"internal error on {conn.head[1]}: {e!r}")
+                data = http_answer(500, {"error": "internal server error; see the server log"}, {})
+            self.answers.put((conn, data))
             self.wake()
 
     def dispatch(self, conn):
@@ -2058,13 +2072,9 @@ class TLSServer:
         request = Request(method, path, conn.body(), conn.peer[0], *conn.identity)
         started = time.monotonic()
         try:
-            try:
-                status, answer, headers = self.app.handle(request)
-            finally:
-                self.app.store.release()
-        except Exception as e:   # a bug: keep serving, say so in the log
-            log(f"internal error on {request.path}: {e!r}")
-            status, answer, headers = 500, {"error": "internal server error; see the server log"}, {}
+            status, answer, headers = self.app.handle(request)
+        finally:
+            self.app.store.release()
         if status >= 400:
             log(f"{request.peer_ip}: {request.method} {request.path} -> {status} {answer.get('error', '')} "
                 f"({(time.monotonic() - started) * 1000:.0f} ms)")
@@ -2073,8 +2083,8 @@ class TLSServer:
     def wake(self):
         try:
             self.wake_out.send(b".")
-        except BlockingIOError:
-            pass    # wake-ups are pending already
+        except OSError:
+            pass    # wake-ups are pending already, or the server is closing
 
     def take_answers(self):
         try:
@@ -2125,7 +2135,9 @@ def server_tls_context(config):
 
 
 def serve(config, ready=None):
-    raise_open_files_limit(TLSServer.max_connections + 256)
+    # Each worker holds a few more at times (openssl's pipes, sqlite's files).
+    workers = TLSServer.workers_per_core * (os.cpu_count() or 1)
+    raise_open_files_limit(TLSServer.max_connections + 64 + 16 * workers)
     store = open_store(config)
     app = App(config, store, PKI(config.state("pki")))
     server = TLSServer((config.listen_host, config.listen_port), app, server_tls_context(config),
@@ -2202,7 +2214,7 @@ class Client:
     # enrollment
 
     def enroll_or_stored(self):
-        pauses = retry_pauses(self.wait)
+        deadline, pauses = time.monotonic() + self.wait, retry_pauses()
         while True:
             try:
                 answer = self.enroll()
@@ -2213,10 +2225,11 @@ class Client:
                     say(f"enrollment server unreachable ({e}); using the configuration stored at the last "
                         "enrollment")
                     return stored
-                pause = next(pauses, None)
-                if pause is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise Fatal(f"enrollment server unreachable ({e}) and nothing stored from an earlier boot"
                                 + (f" (kept trying for {self.wait:.0f}s)" if self.wait else ""))
+                pause = min(left, next(pauses))
                 say(f"enrollment server unreachable ({e}); trying again in {pause:.0f}s")
                 time.sleep(pause)
         write_file(self.path("client.crt"), answer["certificate"], 0o644)
@@ -2420,15 +2433,10 @@ class Client:
 RETRY_STEPS = (2, 4, 8, 15, 30)
 
 
-def retry_pauses(wait):
-    """The pauses between tries, jittered, together at most wait seconds."""
-    left = wait
+def retry_pauses():
+    """The pauses between tries, jittered, without end."""
     for step in itertools.chain(RETRY_STEPS, itertools.repeat(RETRY_STEPS[-1])):
-        if left <= 0:
-            return
-        pause = min(left, random.uniform(step / 2, step * 1.5))
-        left -= pause
-        yield pause
+        yield random.uniform(step / 2, step * 1.5)
 
 
 class ServerUnreachable(Exception):

@@ -303,6 +303,7 @@ def test_missing_required_key_exit_2(world, key, how):
     ({"DYNFARM_LOG": "dynfarm.log"}, "DYNFARM_LOG"),
     ({"DYNFARM_WAIT": "5m"}, "DYNFARM_WAIT must be a whole number of seconds, not '5m'"),
     ({"DYNFARM_WAIT": "-1"}, "DYNFARM_WAIT"),
+    ({"DYNFARM_WAIT": "08"}, "DYNFARM_WAIT must be a whole number of seconds, not '08'"),
 ])
 def test_bad_settings_exit_2(world, settings, needle):
     world.write_settings(**settings)
@@ -746,6 +747,31 @@ def test_fetch_keeps_trying_an_unreachable_server_for_its_wait(world, pki):
     assert result.returncode == 1
     assert re.search(r"Connection refused; trying again in [1-3]s", result.stderr)
     assert "cannot fetch dynfarm.py: cannot reach https://127.0.0.1:1/v1/client" in errors(result)[0]
+    assert not py.exists()
+
+
+def test_fetch_tries_again_when_the_server_drops_the_connection(world, pki):
+    """As a server at its connection cap does: accepted, then closed at once."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.2)
+        stop = threading.Event()
+
+        def drop():
+            while not stop.is_set():
+                try:
+                    listener.accept()[0].close()
+                except OSError:
+                    pass
+        dropper = threading.Thread(target=drop)
+        dropper.start()
+        try:
+            py = fetch_world(world, pki, f"https://127.0.0.1:{listener.getsockname()[1]}", DYNFARM_WAIT="2")
+            result = world.run()
+        finally:
+            stop.set()
+            dropper.join()
+    assert result.returncode == 1
+    assert "trying again in" in result.stderr
     assert not py.exists()
 
 

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import resource
+import selectors
 import socket
 import ssl
 import subprocess
@@ -207,6 +208,41 @@ def test_bad_request_heads(server, head, status):
     assert raw_tls(httpd, ctx, head).split()[1] == str(status)
     assert db_snapshot(store) == before
     assert healthy(httpd, ctx)
+
+
+@pytest.mark.parametrize("head", [b"GET /v1/health HTTP/1.0\n\n", b"\r\nGET /v1/health HTTP/1.0\r\n\r\n"])
+def test_bare_line_feeds_and_a_leading_empty_line_are_understood(server, head):
+    httpd, ctx, _ = server
+    assert raw_tls(httpd, ctx, head).split()[1] == "200"
+
+
+def test_an_answer_that_cannot_be_sent_gets_500_and_keeps_every_worker(server, monkeypatch):
+    httpd, ctx, _ = server
+    monkeypatch.setattr(httpd.app, "handle", lambda request: (200, {"raw": b"not JSON"}, {}))
+    for _ in range(len(httpd.workers) + 1):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            healthy(httpd, ctx)
+        assert refused.value.code == 500
+    monkeypatch.undo()
+    assert healthy(httpd, ctx)
+
+
+class Trickle:
+    """A TLS socket whose peer sends one-byte records without end."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def recv(self, size):
+        self.reads += 1
+        return self.data
+
+
+def test_a_trickling_peer_gets_a_bounded_share_of_the_loop():
+    for head in (b"a", b"POST /v1/enroll HTTP/1.0\r\nContent-Length: 1000000\r\n\r\n"):
+        conn = dynfarm.Connection(Trickle(head), ("192.0.2.1", 1), None)
+        assert conn.read() == selectors.EVENT_READ         # more to read: the loop's next turn
+        assert conn.sock.reads == dynfarm.READS_PER_TURN
 
 
 def test_a_bug_in_a_request_gets_500_and_the_server_keeps_serving(server, monkeypatch):
