@@ -370,8 +370,17 @@ ensure_client_py() {
     ecp_deadline=$(($(date +%s) + cfg_wait))
     ecp_step=2
     while :; do
+        # A try that hangs may not outlast the wait (by more than a second).
+        ecp_left=$((ecp_deadline - $(date +%s)))
+        ecp_timeout=60
+        if [ "$cfg_wait" -gt 0 ] && [ "$ecp_left" -lt "$ecp_timeout" ]; then
+            ecp_timeout=$ecp_left
+        fi
+        if [ "$ecp_timeout" -lt 1 ]; then
+            ecp_timeout=1
+        fi
         ecp_rc=0
-        ecp_out=$(fetch_client_py 2>&1) || ecp_rc=$?
+        ecp_out=$(fetch_client_py "$ecp_timeout" 2>&1) || ecp_rc=$?
         if [ "$ecp_rc" -eq 0 ]; then
             break
         fi
@@ -399,13 +408,14 @@ step, left = int(sys.argv[1]), int(sys.argv[2])
 print(max(1, min(left, round(random.uniform(step / 2, step * 1.5)))))' "$1" "$2"
 }
 
-# fetch_client_py: GET $cfg_server/v1/client trusting only $cfg_ca, with the
+# fetch_client_py TIMEOUT: GET $cfg_server/v1/client trusting only $cfg_ca,
+# waiting at most TIMEOUT seconds for each step of the exchange, with the
 # hostname checked against the certificate's subjectAltName and redirects
 # refused; the body must hash to the X-Dynfarm-Sha256 header. It lands in a
 # temporary file beside $cfg_py, mode 0755, renamed over it atomically. Prints
 # the sha256 on success, one line saying why on failure.
 fetch_client_py() {
-    python3 - "$cfg_server/v1/client" "$cfg_ca" "$cfg_py" <<'EOF'
+    python3 - "$cfg_server/v1/client" "$cfg_ca" "$cfg_py" "$1" <<'EOF'
 import hashlib
 import os
 import socket
@@ -423,12 +433,12 @@ class RefuseRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a 3xx then surfaces as an HTTPError
 
 
-def fetch(url, cafile):
+def fetch(url, cafile, timeout):
     context = ssl.create_default_context(cafile=cafile)  # the site CA only
     context.check_hostname = True
     opener = urllib.request.build_opener(
         urllib.request.HTTPSHandler(context=context), RefuseRedirect())
-    with opener.open(url, timeout=60) as response:
+    with opener.open(url, timeout=timeout) as response:
         want = (response.headers.get("X-Dynfarm-Sha256") or "").strip().lower()
         body = response.read(MAX_BYTES + 1)
     if len(body) > MAX_BYTES:
@@ -470,9 +480,9 @@ def install(body, dest):
 
 
 def main():
-    url, cafile, dest = sys.argv[1:4]
+    url, cafile, dest, timeout = sys.argv[1:5]
     try:
-        body, digest = fetch(url, cafile)
+        body, digest = fetch(url, cafile, float(timeout))
         install(body, dest)
     except urllib.error.HTTPError as e:
         print(f"{url} answered HTTP {e.code} {e.reason}")

@@ -775,6 +775,17 @@ def test_fetch_tries_again_when_the_server_drops_the_connection(world, pki):
     assert not py.exists()
 
 
+def test_fetch_from_a_server_that_never_speaks_ends_with_its_wait(world, pki):
+    """Accepted and then left hanging: each try waits no longer than the time
+    left, so the boot does not hang for a minute per try."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        py = fetch_world(world, pki, f"https://127.0.0.1:{listener.getsockname()[1]}", DYNFARM_WAIT="3")
+        result = world.run(timeout=40)       # a try's own timeout is 60 s
+    assert result.returncode == 1
+    assert "timed out" in errors(result)[0]
+    assert not py.exists()
+
+
 def test_fetch_waits_for_a_server_that_comes_up(world, pki, https_server):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
