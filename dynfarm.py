@@ -1839,34 +1839,41 @@ class Connection:
 
     def read(self):
         """None once the whole request is in; RequestError if it is unusable."""
-        for _ in range(READS_PER_TURN):
+        for turn in itertools.count(1):
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("the peer closed before its request was complete")
             self.received += chunk
-            if self.head is None:
-                end = HEAD_END.search(self.received, self.searched, MAX_HEAD + 4)
-                if end is None:
-                    if len(self.received) >= MAX_HEAD + 4:
-                        raise RequestError(400, f"request head over {MAX_HEAD} bytes")
-                    self.searched = max(0, len(self.received) - 3)
-                    continue
-                self.head = parse_head(bytes(self.received[:end.start()]))
-                del self.received[:end.end()]
-            if self.head[2] > MAX_BODY:
-                # Read to its end, up to 16 x MAX_BODY (parse_head): closing
-                # with unread data would reset the connection before the
-                # client reads the 413.
-                self.dropped += len(self.received)
-                self.received.clear()
-                if self.dropped >= self.head[2]:
-                    raise RequestError(413, f"body over {MAX_BODY} bytes")
-            elif len(self.received) >= self.head[2]:
+            if (self.head is not None or self.take_head()) and self.body_complete():
                 return None
-        # The rest waits for the next turn. OpenSSL reads no further ahead
-        # than the record it returns, so what is left is still in the
-        # kernel's buffer, and the selector says so.
-        return selectors.EVENT_READ
+            # The rest waits for the loop's next turn: it is in the kernel's
+            # buffer, where the selector sees it, unless OpenSSL holds some.
+            if turn >= READS_PER_TURN and not self.sock.pending():
+                return selectors.EVENT_READ
+
+    def take_head(self):
+        """Parse the request head once it is all in; False until then."""
+        end = HEAD_END.search(self.received, self.searched, MAX_HEAD + 4)
+        if end is None:
+            if len(self.received) >= MAX_HEAD + 4:
+                raise RequestError(400, f"request head over {MAX_HEAD} bytes")
+            self.searched = max(0, len(self.received) - 3)     # not from the start again
+            return False
+        self.head = parse_head(bytes(self.received[:end.start()]))
+        del self.received[:end.end()]
+        return True
+
+    def body_complete(self):
+        """Is the body all in? One over MAX_BODY is read to its end (up to
+        16 x MAX_BODY: parse_head) and dropped, then refused: closing with
+        unread data would reset the connection before the client reads why."""
+        if self.head[2] > MAX_BODY:
+            self.dropped += len(self.received)
+            self.received.clear()
+            if self.dropped >= self.head[2]:
+                raise RequestError(413, f"body over {MAX_BODY} bytes")
+            return False
+        return len(self.received) >= self.head[2]
 
     def body(self):
         return bytes(self.received[:self.head[2]])

@@ -228,14 +228,18 @@ def test_an_answer_that_cannot_be_sent_gets_500_and_keeps_every_worker(server, m
 
 
 class Trickle:
-    """A TLS socket whose peer sends one-byte records without end."""
+    """A TLS socket whose peer sends one-byte records without end; OpenSSL
+    holds plaintext for the first `held` reads."""
 
-    def __init__(self, data):
-        self.data, self.reads = data, 0
+    def __init__(self, data, held=0):
+        self.data, self.reads, self.held = data, 0, held
 
     def recv(self, size):
         self.reads += 1
         return self.data
+
+    def pending(self):
+        return int(self.reads < self.held)
 
 
 def test_a_trickling_peer_gets_a_bounded_share_of_the_loop():
@@ -243,6 +247,10 @@ def test_a_trickling_peer_gets_a_bounded_share_of_the_loop():
         conn = dynfarm.Connection(Trickle(head), ("192.0.2.1", 1), None)
         assert conn.read() == selectors.EVENT_READ         # more to read: the loop's next turn
         assert conn.sock.reads == dynfarm.READS_PER_TURN
+    # What OpenSSL holds, the selector cannot see: it is read before the turn ends.
+    conn = dynfarm.Connection(Trickle(b"a", held=dynfarm.READS_PER_TURN + 5), ("192.0.2.1", 1), None)
+    assert conn.read() == selectors.EVENT_READ
+    assert conn.sock.reads == dynfarm.READS_PER_TURN + 5
 
 
 def test_a_bug_in_a_request_gets_500_and_the_server_keeps_serving(server, monkeypatch):
