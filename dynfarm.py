@@ -441,6 +441,17 @@ def positive_int(text):
     return value
 
 
+def seconds(text):
+    """argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, not '{text}'")
+    return value
+
+
 # === Store: all SQL lives here ===
 
 SCHEMA = """
@@ -3414,7 +3425,7 @@ def build_parser():
     p.add_argument("--state-dir", default=CLIENT_STATE_DIR, help=f"where the client keeps its state "
                                                                  f"(default {CLIENT_STATE_DIR})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server and the tunnel")
-    p.add_argument("--wait", type=float, default=300.0,
+    p.add_argument("--wait", type=seconds, default=300.0,
                    help="on the first boot, seconds to keep trying a server that does not answer (default "
                         "300; 0 tries once); later boots use what they stored at once")
     p.set_defaults(func=cmd_client, needs_config=False)

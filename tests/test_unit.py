@@ -1111,6 +1111,8 @@ def test_a_links_record_from_another_boot_is_stale(tmp_path, monkeypatch):
     (["remote_control", "-f", "0", "list"], "at least 1"),
     (["token", "aruba", "--uses", "0"], "at least 1"),
     (["token", "aruba", "--ttl", "999999999999d"], "bad duration"),
+    (["client", "--server", "https://192.0.2.1:8443", "--ca", "ca.pem", "--wait", "-1"], "0 or more"),
+    (["client", "--server", "https://192.0.2.1:8443", "--ca", "ca.pem", "--wait", "nan"], "0 or more"),
 ])
 def test_bad_numbers_are_usage_errors(site, capsys, argv, message):
     config, _, _ = site
