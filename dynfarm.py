@@ -1905,15 +1905,16 @@ def parse_head(head):
         raise RequestError(400, "malformed request line")
     if not version.startswith("HTTP/1."):
         raise RequestError(400, "only HTTP/1.x is spoken here")
+    path = target.split("?")[0]
     lengths = [line.split(":", 1)[1].strip() for line in lines[1:] if line[:15].lower() == "content-length:"]
     if not lengths and method != "POST":
-        return method, target.split("?")[0], 0
+        return method, path, 0
     if len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) <= 12):
         raise RequestError(411, "Content-Length required")
     length = int(lengths[0])
     if length > 16 * MAX_BODY:
         raise RequestError(413, f"body over {MAX_BODY} bytes")
-    return method, target.split("?")[0], length
+    return method, path, length
 
 
 def http_answer(status, body, headers):
@@ -1951,7 +1952,11 @@ class TLSServer:
     """
 
     max_connections = 1024
-    workers_per_core = 2
+    sweep_seconds = 0.25        # how often deadlines are checked
+
+    @staticmethod
+    def worker_count():
+        return 2 * (os.cpu_count() or 1)
 
     def __init__(self, address, app, tls, timeout):
         self.app = app
@@ -1969,7 +1974,6 @@ class TLSServer:
         self.server_address = self.socket.getsockname()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ)
-        self.accepting = True
         # Workers hand answers back through a queue, and wake the loop with
         # a byte on this pair.
         self.wake_in, self.wake_out = socket.socketpair()
@@ -1982,7 +1986,7 @@ class TLSServer:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.workers = [threading.Thread(target=self.work, daemon=True, name="dynfarm-worker")
-                        for _ in range(self.workers_per_core * (os.cpu_count() or 1))]
+                        for _ in range(self.worker_count())]
         for worker in self.workers:
             worker.start()
 
@@ -1991,7 +1995,7 @@ class TLSServer:
         sweep = time.monotonic()
         try:
             while not self.stopping.is_set():
-                for key, _ in self.selector.select(0.25):
+                for key, _ in self.selector.select(self.sweep_seconds):
                     if key.fileobj is self.socket:
                         self.accept()
                     elif key.fileobj is self.wake_in:
@@ -2004,10 +2008,9 @@ class TLSServer:
                             self.close(key.data)
                 if time.monotonic() >= sweep:
                     self.close_late()
-                    if not self.accepting:
+                    if self.socket not in self.selector.get_map():     # resting: see accept()
                         self.selector.register(self.socket, selectors.EVENT_READ)
-                        self.accepting = True
-                    sweep = time.monotonic() + 0.25
+                    sweep = time.monotonic() + self.sweep_seconds
         finally:
             self.stopped.set()
 
@@ -2037,7 +2040,6 @@ class TLSServer:
                 # readable and spin the loop, so it rests until the next sweep.
                 log(f"accept: {e.strerror}; not accepting for a moment")
                 self.selector.unregister(self.socket)
-                self.accepting = False
                 return
             if len(self.connections) >= self.max_connections:
                 sock.close()           # at the cap: at once, rather than time out unseen
@@ -2154,8 +2156,7 @@ def server_tls_context(config):
 
 def serve(config, ready=None):
     # Each worker holds a few more at times (openssl's pipes, sqlite's files).
-    workers = TLSServer.workers_per_core * (os.cpu_count() or 1)
-    raise_open_files_limit(TLSServer.max_connections + 64 + 16 * workers)
+    raise_open_files_limit(TLSServer.max_connections + 64 + 16 * TLSServer.worker_count())
     store = open_store(config)
     app = App(config, store, PKI(config.state("pki")))
     server = TLSServer((config.listen_host, config.listen_port), app, server_tls_context(config),
@@ -2232,28 +2233,35 @@ class Client:
     # enrollment
 
     def enroll_or_stored(self):
-        deadline, pauses = time.monotonic() + self.wait, retry_pauses()
-        while True:
-            try:
-                answer = self.enroll()
-                break
-            except ServerUnreachable as e:
-                stored = self.stored_answer()
-                if stored is not None:
-                    say(f"enrollment server unreachable ({e}); using the configuration stored at the last "
-                        "enrollment")
-                    return stored
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Fatal(f"enrollment server unreachable ({e}) and nothing stored from an earlier boot"
-                                + (f" (kept trying for {self.wait:.0f}s)" if self.wait else ""))
-                pause = min(left, next(pauses))
-                say(f"enrollment server unreachable ({e}); trying again in {pause:.0f}s")
-                time.sleep(pause)
+        deadline = time.monotonic() + self.wait      # the first try counts
+        try:
+            answer = self.enroll()
+        except ServerUnreachable as e:
+            stored = self.stored_answer()
+            if stored is not None:
+                say(f"enrollment server unreachable ({e}); using the configuration stored at the last enrollment")
+                return stored
+            answer = self.enroll_when_answered(e, deadline)
         write_file(self.path("client.crt"), answer["certificate"], 0o644)
         write_file(self.path("enrollment.json"), json.dumps(answer, indent=1), 0o600)
         say(f"enrolled as {answer['name']} ({answer['provider']}) at {answer['address']}")
         return answer
+
+    def enroll_when_answered(self, error, deadline):
+        """A first enrollment: try again (RETRY_STEPS) until the deadline."""
+        pauses = retry_pauses()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Fatal(f"enrollment server unreachable ({error}) and nothing stored from an earlier boot"
+                            + (f" (kept trying for {self.wait:.0f}s)" if self.wait else ""))
+            pause = min(left, next(pauses))
+            say(f"enrollment server unreachable ({error}); trying again in {pause:.0f}s")
+            time.sleep(pause)
+            try:
+                return self.enroll()
+            except ServerUnreachable as e:
+                error = e
 
     def stored_answer(self):
         try:
