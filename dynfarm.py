@@ -93,26 +93,40 @@ HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
 # === Errors ===
+#
+# One class per meaning. main() turns the first two into one line on stderr
+# and their exit code; the enrollment service turns the rest into answers.
 
 class Fatal(Exception):
-    """An expected failure: one line for the user, and an exit code."""
-
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
+    """An expected failure: one line for the user (what failed, what to do
+    next), exit 1."""
+    code = 1
 
 
-class ConfigError(Fatal):
-    def __init__(self, message):
-        super().__init__(message, code=2)
+class UsageError(Fatal):
+    """A mistake in the command line or the site configuration: exit 2."""
+    code = 2
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP status and one clear line."""
+    """A request the enrollment service refuses: HTTP status and one clear line."""
 
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+class CSRRejected(Exception):
+    """A certificate request the CA will not sign: the requester's fault."""
+
+
+class ServerUnreachable(Exception):
+    """The client found nobody answering at the enrollment URL."""
+
+
+class Overtaken(Fatal):
+    """The server's 409: a release, or another request of this machine,
+    overtook ours while it was signed (App.overtaken)."""
 
 
 def log(message):
@@ -123,12 +137,13 @@ def log(message):
 
 # === Seam: every external command goes through run() ===
 
-VERBOSE = os.environ.get("DYNFARM_VERBOSE") == "1"
+# -v sets it: every external command is then echoed as "[#] ..." on stderr.
+ECHO_COMMANDS = False
 
 
 def run(argv, input=None, check=True, timeout=120):
     """Run argv (never through a shell); raise Fatal with its stderr on failure."""
-    if VERBOSE:
+    if ECHO_COMMANDS:
         log("[#] " + " ".join(shlex.quote(a) for a in argv))
     try:
         done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
@@ -243,7 +258,7 @@ class Config:
     def provider(self, name):
         if name not in self.providers:
             known = ", ".join(sorted(self.providers)) or "none"
-            raise ConfigError(f"{self.path}: no provider '{name}' (configured: {known})")
+            raise UsageError(f"{self.path}: no provider '{name}' (configured: {known})")
         return self.providers[name]
 
     def state(self, *parts):
@@ -251,19 +266,19 @@ class Config:
 
 
 def load_config(path):
-    """Read and validate the site configuration; ConfigError names the culprit."""
+    """Read and validate the site configuration; UsageError names the culprit."""
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file (give one with -c FILE; see site.conf.example)")
+        raise UsageError(f"{path}: no such configuration file (give one with -c FILE; see site.conf.example)")
     except (configparser.Error, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]}")
+        raise UsageError(f"{path}: cannot parse: {str(e).splitlines()[0]}")
     if parser.defaults():
-        raise ConfigError(f"{path}: [DEFAULT] is not used by dynfarm; put keys in [site] or a provider")
+        raise UsageError(f"{path}: [DEFAULT] is not used by dynfarm; put keys in [site] or a provider")
     if not parser.has_section("site"):
-        raise ConfigError(f"{path}: missing [site] section")
+        raise UsageError(f"{path}: missing [site] section")
     base = os.path.dirname(os.path.abspath(path))
     site = section_values(parser, "site", SITE_KEYS, path)
     providers, links = {}, {}
@@ -276,16 +291,16 @@ def load_config(path):
         elif kind == "link" and LINK_RE.match(name):
             links[name] = parse_link(name, section_values(parser, section, LINK_KEYS, path), len(links), path)
         elif kind in ("provider", "link"):
-            raise ConfigError(f"{path}: [{section}]: bad name '{name}' (provider: lowercase letters and digits, "
+            raise UsageError(f"{path}: [{section}]: bad name '{name}' (provider: lowercase letters and digits, "
                               f"at most 12, no dash; link: lowercase, digits and dashes, at most 12)")
         else:
-            raise ConfigError(f"{path}: unknown section [{section}] (expected [site], [provider:NAME], [link:NAME])")
+            raise UsageError(f"{path}: unknown section [{section}] (expected [site], [provider:NAME], [link:NAME])")
     if not providers:
-        raise ConfigError(f"{path}: no [provider:NAME] section; add one per cloud provider")
+        raise UsageError(f"{path}: no [provider:NAME] section; add one per cloud provider")
     check_no_overlap(providers, path)
     host, port = parse_listen(site["listen"], path)
     if site["mode"] not in MODES:
-        raise ConfigError(f"{path}: [site] mode = {site['mode']}: expected one of {', '.join(MODES)}")
+        raise UsageError(f"{path}: [site] mode = {site['mode']}: expected one of {', '.join(MODES)}")
     if site["mode"] == "bridged":
         check_bridged(site, providers, path)
     return Config(
@@ -308,11 +323,11 @@ def section_values(parser, section, known, path):
     values = dict(parser.items(section))
     for key in values:
         if key not in known:
-            raise ConfigError(f"{path}: [{section}] unknown key '{key}' (known: {', '.join(known)})")
+            raise UsageError(f"{path}: [{section}] unknown key '{key}' (known: {', '.join(known)})")
     for key, default in known.items():
         if key not in values:
             if default is None:
-                raise ConfigError(f"{path}: [{section}] missing required key '{key}'")
+                raise UsageError(f"{path}: [{section}] missing required key '{key}'")
             values[key] = default
     return values
 
@@ -321,16 +336,16 @@ def parse_number(text, what, path):
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"{path}: {what} = {text}: not a number")
+        raise UsageError(f"{path}: {what} = {text}: not a number")
     if value <= 0:
-        raise ConfigError(f"{path}: {what} = {text}: must be positive")
+        raise UsageError(f"{path}: {what} = {text}: must be positive")
     return value
 
 
 def parse_listen(text, path):
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:   # 0: any free port (tests)
-        raise ConfigError(f"{path}: [site] listen = {text}: expected ADDRESS:PORT, e.g. 0.0.0.0:8443")
+        raise UsageError(f"{path}: [site] listen = {text}: expected ADDRESS:PORT, e.g. 0.0.0.0:8443")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -340,28 +355,28 @@ def parse_provider(name, values, base, path):
         port = int(values["vpn_port"])
         assert 0 < port < 65536
     except (ValueError, AssertionError):
-        raise ConfigError(f"{where} vpn_port = {values['vpn_port']}: expected a port number")
+        raise UsageError(f"{where} vpn_port = {values['vpn_port']}: expected a port number")
     try:
         subnet = ipaddress.IPv4Network(values["vpn_subnet"], strict=True)
     except ValueError as e:
-        raise ConfigError(f"{where} vpn_subnet = {values['vpn_subnet']}: {e}")
+        raise UsageError(f"{where} vpn_subnet = {values['vpn_subnet']}: {e}")
     if subnet.prefixlen > 29:
-        raise ConfigError(f"{where} vpn_subnet = {subnet}: too small, use /29 or larger")
+        raise UsageError(f"{where} vpn_subnet = {subnet}: too small, use /29 or larger")
     if values["vpn_proto"] not in ("udp", "tcp"):
-        raise ConfigError(f"{where} vpn_proto = {values['vpn_proto']}: expected udp or tcp")
+        raise UsageError(f"{where} vpn_proto = {values['vpn_proto']}: expected udp or tcp")
     try:
         networks = [ipaddress.IPv4Network(n, strict=False) for n in values["networks"].replace(",", " ").split()]
     except ValueError as e:
-        raise ConfigError(f"{where} networks: {e}")
+        raise UsageError(f"{where} networks: {e}")
     files = customization_path(values["files"], base, where, "files") if values["files"] else ""
     if files and not os.path.isdir(files):
-        raise ConfigError(f"{where} files = {values['files']}: not a directory")
+        raise UsageError(f"{where} files = {values['files']}: not a directory")
     commands = [customization_path(c, base, where, "commands") for c in values["commands"].split()]
     for command in commands:
         if not os.path.isfile(command):
-            raise ConfigError(f"{where} commands: {command}: no such file")
+            raise UsageError(f"{where} commands: {command}: no such file")
     if values["vm_to_vm"] not in ("yes", "no"):
-        raise ConfigError(f"{where} vm_to_vm = {values['vm_to_vm']}: expected yes or no")
+        raise UsageError(f"{where} vm_to_vm = {values['vm_to_vm']}: expected yes or no")
     return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands, values["vm_to_vm"] == "yes",
                     parse_pool(values["bridge_pool"], where) if values["bridge_pool"] else None)
 
@@ -371,22 +386,22 @@ def parse_pool(text, where):
     try:
         first, last = (int(ipaddress.IPv4Address(a.strip())) for a in text.split("-"))
     except ValueError:
-        raise ConfigError(f"{where} bridge_pool = {text}: expected FIRST-LAST, e.g. 10.10.0.100-10.10.0.149")
+        raise UsageError(f"{where} bridge_pool = {text}: expected FIRST-LAST, e.g. 10.10.0.100-10.10.0.149")
     if first > last:
-        raise ConfigError(f"{where} bridge_pool = {text}: the first address is after the last")
+        raise UsageError(f"{where} bridge_pool = {text}: the first address is after the last")
     return first, last
 
 
 def check_bridged(site, providers, path):
     if not site["bridge"]:
-        raise ConfigError(f"{path}: mode = bridged needs [site] bridge = the LAN bridge of the VPN server")
+        raise UsageError(f"{path}: mode = bridged needs [site] bridge = the LAN bridge of the VPN server")
     seen = []
     for p in providers.values():
         if p.bridge_pool is None:
-            raise ConfigError(f"{path}: mode = bridged needs bridge_pool in [provider:{p.name}]")
+            raise UsageError(f"{path}: mode = bridged needs bridge_pool in [provider:{p.name}]")
         for other in seen:
             if p.bridge_pool[0] <= other.bridge_pool[1] and other.bridge_pool[0] <= p.bridge_pool[1]:
-                raise ConfigError(f"{path}: bridge_pool of '{p.name}' overlaps that of '{other.name}'")
+                raise UsageError(f"{path}: bridge_pool of '{p.name}' overlaps that of '{other.name}'")
         seen.append(p)
 
 
@@ -394,7 +409,7 @@ def customization_path(relative, base, where, key):
     """Resolve a customization path; it must stay inside the configuration's tree."""
     resolved = os.path.realpath(os.path.join(base, relative))
     if os.path.commonpath([resolved, os.path.realpath(base)]) != os.path.realpath(base):
-        raise ConfigError(f"{where} {key} = {relative}: escapes the configuration directory {base}")
+        raise UsageError(f"{where} {key} = {relative}: escapes the configuration directory {base}")
     return resolved
 
 
@@ -403,9 +418,9 @@ def parse_link(name, values, index, path):
     try:
         address = ipaddress.IPv4Address(values["address"])
     except ValueError:
-        raise ConfigError(f"{where} address = {values['address']}: not an IPv4 address")
+        raise UsageError(f"{where} address = {values['address']}: not an IPv4 address")
     if values["encap"] not in ENCAPS:
-        raise ConfigError(f"{where} encap = {values['encap']}: expected one of {', '.join(ENCAPS)}")
+        raise UsageError(f"{where} encap = {values['encap']}: expected one of {', '.join(ENCAPS)}")
     return Link(name, address, values["encap"], index)
 
 
@@ -414,10 +429,10 @@ def check_no_overlap(providers, path):
     for p in providers.values():
         for other in seen:
             if p.vpn_subnet.overlaps(other.vpn_subnet):
-                raise ConfigError(f"{path}: vpn_subnet {p.vpn_subnet} of '{p.name}' overlaps "
+                raise UsageError(f"{path}: vpn_subnet {p.vpn_subnet} of '{p.name}' overlaps "
                                   f"{other.vpn_subnet} of '{other.name}'")
             if (p.vpn_port, p.vpn_proto) == (other.vpn_port, other.vpn_proto):
-                raise ConfigError(f"{path}: '{p.name}' and '{other.name}' both use {p.vpn_proto} port {p.vpn_port}")
+                raise UsageError(f"{path}: '{p.name}' and '{other.name}' both use {p.vpn_proto} port {p.vpn_port}")
         seen.append(p)
 
 
@@ -426,7 +441,7 @@ def parse_duration(text):
     match = re.fullmatch(r"(\d{1,9})([smhd]?)", text.strip())
     seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0
     if not 0 < seconds <= 3650 * 86400:
-        raise Fatal(f"bad duration '{text}': use e.g. 30m, 24h, 7d (at most 3650d)", code=2)
+        raise UsageError(f"bad duration '{text}': use e.g. 30m, 24h, 7d (at most 3650d)")
     return seconds
 
 
@@ -661,7 +676,7 @@ class Transaction:
 def open_store(config):
     path = config.state("dynfarm.db")
     if not os.path.exists(path):
-        raise Fatal(f"{path}: no site database; run 'dynfarm.py -c {config.path} init' first", code=2)
+        raise UsageError(f"{path}: no site database; run 'dynfarm.py -c {config.path} init' first")
     return Store(path)
 
 
@@ -737,7 +752,7 @@ def bridge_interface(bridge):
     out = run(["ip", "-o", "-4", "addr", "show", "dev", bridge], check=False)
     fields = out.stdout.decode().split()
     if out.returncode != 0 or "inet" not in fields:
-        raise Fatal(f"bridge {bridge}: no such device with an IPv4 address on this host", code=2)
+        raise UsageError(f"bridge {bridge}: no such device with an IPv4 address on this host")
     return ipaddress.IPv4Interface(fields[fields.index("inet") + 1])
 
 
@@ -901,7 +916,7 @@ class PKI:
             raise Fatal(f"openssl could not sign (dynfarm needs OpenSSL 3.0 or newer): "
                         f"{detail[-1] if detail else 'exit %d' % done.returncode}")
         if b"verify OK" not in done.stderr:
-            raise RequestError(400, "certificate request rejected: its signature does not verify")
+            raise CSRRejected("certificate request rejected: its signature does not verify")
         certificate = done.stdout.decode()
         # Without a request to read, 'req -x509' would make a key of its own:
         # make sure what we signed is the key that was sent.
@@ -1302,7 +1317,7 @@ def link_routes(config):
     for link in config.links.values():
         route = run(["ip", "-o", "route", "get", str(link.address)]).stdout.decode().split()
         if "src" not in route or "dev" not in route:
-            raise Fatal(f"link {link.name}: no route to {link.address} from this host", code=2)
+            raise UsageError(f"link {link.name}: no route to {link.address} from this host")
         routes[link.name] = (route[route.index("src") + 1], route[route.index("dev") + 1])
     return routes
 
@@ -1450,6 +1465,8 @@ class App:
             return route(request)
         except RequestError as e:
             return e.status, {"error": str(e)}, {}
+        except CSRRejected as e:
+            return 400, {"error": str(e)}, {}
 
     def health(self, request):
         return 200, {"ok": True, "version": self.version}, {}
@@ -2465,15 +2482,6 @@ def retry_pauses():
         yield random.uniform(step / 2, step * 1.5)
 
 
-class ServerUnreachable(Exception):
-    pass
-
-
-class Overtaken(Fatal):
-    """The server's 409: a release, or another request of this machine,
-    overtook ours while it was signed (App.overtaken)."""
-
-
 def say(message):
     print(f"dynfarm client: {message}", flush=True)
 
@@ -2755,7 +2763,7 @@ def select_hosts(config, store, args):
             excluded = set(match_hosts(args.exclude, [r["name"] for r in rows])[0])
             rows = [r for r in rows if r["name"] not in excluded]
     except ValueError as e:
-        raise Fatal(f"bad host set: {e}", code=2)
+        raise UsageError(f"bad host set: {e}")
     return rows
 
 
@@ -2880,6 +2888,8 @@ class FanOut:
 
     def start(self, job):
         job.started = time.monotonic()
+        if ECHO_COMMANDS:
+            log("[#] " + " ".join(shlex.quote(a) for a in job.argv))
         try:
             # Own session: a Ctrl-C reaches us, and we end the children ourselves.
             job.proc = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -3043,9 +3053,9 @@ def cmd_server(args, config):
 def cmd_vpn(args, config):
     provider = config.provider(args.provider)
     if not os.path.exists(config.state("openvpn", provider.name + ".tlscrypt")):
-        raise Fatal(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first", code=2)
+        raise UsageError(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first")
     if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
-        raise Fatal(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first", code=2)
+        raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
     write_server_config(config, provider)
     path = config.state("openvpn", provider.name + ".conf")
     sys.stdout.flush()
@@ -3167,7 +3177,7 @@ def cmd_revoke(args, config):
     with store.transaction():
         # Gone since the read? (a new host's failed enrollment releases its row)
         if host is None or not store.revoke(host["name"], host["pubkey_sha256"]):
-            raise Fatal(f"no host named {args.host} (see 'remote_control list')", code=2)
+            raise UsageError(f"no host named {args.host} (see 'remote_control list')")
     remove_ccd(config, host["provider"], host["name"])
     PKI(config.state("pki")).write_crl(store)
     kicked = management_command(config, host["provider"], f"kill {host['name']}")
@@ -3261,7 +3271,7 @@ def links_status(args, config, record):
 def links_peer(args, config, record):
     if args.name not in config.links:
         known = ", ".join(config.links) or "none"
-        raise Fatal(f"no link named '{args.name}' (configured: {known})", code=2)
+        raise UsageError(f"no link named '{args.name}' (configured: {known})")
     link = config.links[args.name]
     print(peer_script(config, link, link_routes(config)[link.name][0], down=args.down), end="")
     return 0
@@ -3270,7 +3280,7 @@ def links_peer(args, config, record):
 def cmd_client(args, config):
     token = args.token or os.environ.get("DYNFARM_TOKEN", "")
     if not os.path.isfile(args.ca):
-        raise Fatal(f"{args.ca}: no such CA file (the site CA to pin; 'bootstrap' installs it)", code=2)
+        raise UsageError(f"{args.ca}: no such CA file (the site CA to pin; 'bootstrap' installs it)")
     client = Client(args.server, args.ca, token, args.provider, args.state_dir,
                     os.path.expanduser("~root"), args.timeout, args.wait)
     return client.main()
@@ -3297,7 +3307,7 @@ def cmd_list(args, config):
 def cmd_run(args, config):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        raise Fatal("run: no command given (remote_control run -- CMD)", code=2)
+        raise UsageError("run: no command given (remote_control run -- CMD)")
     text = " ".join(command)
     return remote_action(config, args, lambda row, opts: ["ssh"] + opts + [row["address"], text])
 
@@ -3305,14 +3315,14 @@ def cmd_run(args, config):
 def cmd_put(args, config):
     for source in args.sources:
         if not os.path.exists(source):
-            raise Fatal(f"put: {source}: no such file or directory", code=2)
+            raise UsageError(f"put: {source}: no such file or directory")
     return remote_action(config, args, lambda row, opts: ["scp", "-q", "-r", "-p"] + opts + args.sources
                          + [f"{row['address']}:{args.destination}"])
 
 
 def cmd_get(args, config):
     if os.path.exists(args.directory) and not os.path.isdir(args.directory):
-        raise Fatal(f"get: {args.directory} is not a directory", code=2)
+        raise UsageError(f"get: {args.directory} is not a directory")
 
     def argv(row, opts):
         target = os.path.join(args.directory, row["name"])
@@ -3387,6 +3397,8 @@ def build_parser():
                "'bootstrap PROVIDER' for each VM's user-data. Exit codes: 0 success, 1 some hosts "
                "or steps failed, 2 usage or configuration error.")
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"site configuration (default {DEFAULT_CONFIG})")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="echo every external command (openssl, openvpn, ip, iptables, ssh) as '[#] ...'")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -3446,6 +3458,8 @@ def build_parser():
                "only unless --all. Exit: 0 all ok, 1 some host failed, was unreachable or timed out, "
                "2 usage, 130 interrupted.")
     p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="site configuration")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="echo every ssh and scp command as '[#] ...'")
     p.add_argument("-p", "--provider", action="append", help="only this provider (repeatable)")
     p.add_argument("-w", dest="hosts", metavar="HOSTS", help="only these hosts (ranges, globs, commas)")
     p.add_argument("-x", dest="exclude", metavar="HOSTS", help="not these hosts")
@@ -3481,6 +3495,8 @@ def main(argv=None):
     if os.path.basename(sys.argv[0]) == "remote_control" and argv[:1] != ["remote_control"]:
         argv = ["remote_control"] + argv
     args = build_parser().parse_args(argv)
+    global ECHO_COMMANDS
+    ECHO_COMMANDS = args.verbose
     try:
         config = load_config(args.config) if getattr(args, "needs_config", True) else None
         return args.func(args, config)
