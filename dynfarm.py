@@ -240,10 +240,62 @@ class Link:
         return f"dl-{self.name}"
 
 
+class StateDir:
+    """Every path the site keeps under [site] state_dir, named once:
+
+      dynfarm.db              hosts and tokens (sqlite, WAL)                 0600
+      pki/ca.crt, ca.key      the site CA                                    key 0600
+      pki/server.crt, .key    the certificate of the enrollment and VPN servers
+      pki/crl.pem             the revoked hosts (OpenVPN's crl-verify)
+      pki/*.cnf, index.txt    openssl's working files
+      openvpn/P.conf          provider P's OpenVPN server configuration (init writes it)
+      openvpn/P.tlscrypt      its tls-crypt key                              0600
+      ccd/P/HOST              a host's client-config entry: its static address
+      run/P.mgmt, P.status    the running OpenVPN server's management socket and status
+      run/links.json          what 'links up' did, each step with its undo
+      run/known_hosts.*       one per remote_control run, while it runs
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.database = os.path.join(root, "dynfarm.db")
+        self.pki = os.path.join(root, "pki")
+        self.ca_cert = self.pki_file("ca.crt")
+        self.ca_key = self.pki_file("ca.key")
+        self.server_cert = self.pki_file("server.crt")
+        self.server_key = self.pki_file("server.key")
+        self.crl = self.pki_file("crl.pem")
+        self.openvpn = os.path.join(root, "openvpn")
+        self.ccd = os.path.join(root, "ccd")
+        self.run = os.path.join(root, "run")
+        self.links_record = os.path.join(self.run, "links.json")
+
+    def pki_file(self, name):
+        return os.path.join(self.pki, name)
+
+    def vpn_config(self, provider_name):
+        return os.path.join(self.openvpn, provider_name + ".conf")
+
+    def tls_crypt_key(self, provider_name):
+        return os.path.join(self.openvpn, provider_name + ".tlscrypt")
+
+    def ccd_dir(self, provider_name):
+        return os.path.join(self.ccd, provider_name)
+
+    def ccd_entry(self, provider_name, host_name):
+        return os.path.join(self.ccd, provider_name, host_name)
+
+    def management_socket(self, provider_name):
+        return os.path.join(self.run, provider_name + ".mgmt")
+
+    def vpn_status(self, provider_name):
+        return os.path.join(self.run, provider_name + ".status")
+
+
 @dataclasses.dataclass
 class Config:
     path: str
-    state_dir: str
+    state: StateDir
     listen_host: str
     listen_port: int
     public_address: str
@@ -260,9 +312,6 @@ class Config:
             known = ", ".join(sorted(self.providers)) or "none"
             raise UsageError(f"{self.path}: no provider '{name}' (configured: {known})")
         return self.providers[name]
-
-    def state(self, *parts):
-        return os.path.join(self.state_dir, *parts)
 
 
 def load_config(path):
@@ -305,7 +354,7 @@ def load_config(path):
         check_bridged(site, providers, path)
     return Config(
         path=path,
-        state_dir=os.path.join(base, site["state_dir"]),
+        state=StateDir(os.path.join(base, site["state_dir"])),
         listen_host=host,
         listen_port=port,
         public_address=site["public_address"],
@@ -674,7 +723,7 @@ class Transaction:
 
 
 def open_store(config):
-    path = config.state("dynfarm.db")
+    path = config.state.database
     if not os.path.exists(path):
         raise UsageError(f"{path}: no site database; run 'dynfarm.py -c {config.path} init' first")
     return Store(path)
@@ -848,46 +897,43 @@ def key_id(spki_der):
 
 
 class PKI:
-    """The site CA, via the openssl CLI. Files live in STATE/pki."""
+    """The site CA, via the openssl CLI; its files are the StateDir's pki/."""
 
-    def __init__(self, directory):
-        self.dir = directory
+    def __init__(self, state):
+        self.state = state
         self.lock = threading.Lock()
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
 
     def ensure(self, public_address):
         """Create what is missing; return the names of what was added."""
         added = []
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        if not os.path.exists(self.path("req.cnf")):
+        os.makedirs(self.state.pki, mode=0o700, exist_ok=True)
+        if not os.path.exists(self.state.pki_file("req.cnf")):
             # Our own minimal openssl config: the distribution's would add its
             # own extensions (v3_ca) to what we sign.
-            write_file(self.path("req.cnf"), "[req]\ndistinguished_name = dn\n[dn]\n", 0o600)
-        if not os.path.exists(self.path("ca.crt")):
-            make_key(self.path("ca.key"))
-            run(["openssl", "req", "-config", self.path("req.cnf"), "-x509", "-new", "-key", self.path("ca.key"),
-                 "-subj", "/CN=dynfarm site CA", "-days", str(CA_DAYS), "-sha256", "-out", self.path("ca.crt"),
+            write_file(self.state.pki_file("req.cnf"), "[req]\ndistinguished_name = dn\n[dn]\n", 0o600)
+        if not os.path.exists(self.state.ca_cert):
+            make_key(self.state.ca_key)
+            run(["openssl", "req", "-config", self.state.pki_file("req.cnf"), "-x509", "-new", "-key", self.state.ca_key,
+                 "-subj", "/CN=dynfarm site CA", "-days", str(CA_DAYS), "-sha256", "-out", self.state.ca_cert,
                  "-addext", "basicConstraints=critical,CA:TRUE",
                  "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
             added.append("site CA (pki/ca.crt)")
-        if not os.path.exists(self.path("server.crt")):
+        if not os.path.exists(self.state.server_cert):
             self.make_server_cert(public_address)
             added.append(f"server certificate for {public_address} (pki/server.crt)")
-        elif cert_expires(read_text(self.path("server.crt"))) < time.time() + RENEW_BEFORE:
+        elif cert_expires(read_text(self.state.server_cert)) < time.time() + RENEW_BEFORE:
             # Clients pin the CA, not this certificate: a new one is seamless,
             # an expired one stops every VM's VPN and enrollment.
             self.make_server_cert(public_address)
             added.append(f"renewed server certificate for {public_address}, close to expiry (pki/server.crt)")
-        if not os.path.exists(self.path("crl.pem")):
+        if not os.path.exists(self.state.crl):
             self.write_crl()
             added.append("empty revocation list (pki/crl.pem)")
         return added
 
     def make_server_cert(self, public_address):
-        make_key(self.path("server.key"))
-        csr = make_csr(self.path("server.key"), SERVER_CN)
+        make_key(self.state.server_key)
+        csr = make_csr(self.state.server_key, SERVER_CN)
         try:
             ipaddress.ip_address(public_address)
             san = f"IP:{public_address}"
@@ -896,7 +942,7 @@ class PKI:
         certificate = self.sign(csr, SERVER_CN, new_serial(), [
             "basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyAgreement",
             "extendedKeyUsage=serverAuth", f"subjectAltName={san}"])
-        write_file(self.path("server.crt"), certificate, 0o644)
+        write_file(self.state.server_cert, certificate, 0o644)
 
     def sign(self, csr_pem, common_name, serial, extensions):
         """Check a CSR's self-signature and sign it with CN forced to common_name.
@@ -905,8 +951,8 @@ class PKI:
         'openssl x509 -req' costs 28 ms here. It reports a bad self-signature
         on stderr only (exit status 0), so that line is what we check.
         """
-        argv = ["openssl", "req", "-config", self.path("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509",
-                "-CA", self.path("ca.crt"), "-CAkey", self.path("ca.key"), "-set_serial", "0x" + serial,
+        argv = ["openssl", "req", "-config", self.state.pki_file("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509",
+                "-CA", self.state.ca_cert, "-CAkey", self.state.ca_key, "-set_serial", "0x" + serial,
                 "-days", str(CERT_DAYS), "-sha256", "-subj", f"/CN={common_name}"]
         for extension in extensions:
             argv += ["-addext", extension]
@@ -935,21 +981,21 @@ class PKI:
         Under a file lock: two 'revoke' runs at once must not each write a
         list that lacks the other's host.
         """
-        with self.lock, open(self.path("crl.lock"), "a") as lock:
+        with self.lock, open(self.state.pki_file("crl.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             lines = []
             for row in store.revoked() if store else []:    # read under the lock
                 when = datetime.datetime.utcfromtimestamp(row["revoked_at"]).strftime("%y%m%d%H%M%SZ")
                 lines.append(f"R\t991231235959Z\t{when}\t{row['serial'].upper()}\tunknown\t/CN={row['name']}\n")
-            write_file(self.path("index.txt"), "".join(lines), 0o600)
-            write_file(self.path("ca.cnf"),
+            write_file(self.state.pki_file("index.txt"), "".join(lines), 0o600)
+            write_file(self.state.pki_file("ca.cnf"),
                        "[ca]\ndefault_ca = dynfarm\n[dynfarm]\n"
-                       f"database = {self.path('index.txt')}\ncertificate = {self.path('ca.crt')}\n"
-                       f"private_key = {self.path('ca.key')}\ndefault_md = sha256\n"
+                       f"database = {self.state.pki_file('index.txt')}\ncertificate = {self.state.ca_cert}\n"
+                       f"private_key = {self.state.ca_key}\ndefault_md = sha256\n"
                        f"default_crl_days = {CRL_DAYS}\n", 0o600)
-            run(["openssl", "ca", "-gencrl", "-batch", "-config", self.path("ca.cnf"),
-                 "-out", self.path("crl.pem")])
-            os.chmod(self.path("crl.pem"), 0o644)
+            run(["openssl", "ca", "-gencrl", "-batch", "-config", self.state.pki_file("ca.cnf"),
+                 "-out", self.state.crl])
+            os.chmod(self.state.crl, 0o644)
 
 
 def new_serial():
@@ -976,7 +1022,6 @@ def openvpn_server_config(config, provider):
     No address pool: every host gets its static address from its ccd entry,
     and ccd-exclusive refuses certificates that have none.
     """
-    run_dir = config.state("run")
     lines = [
         f"# {provider.name}: generated by dynfarm from {config.path}; edits are overwritten",
         "mode server",
@@ -1000,22 +1045,22 @@ def openvpn_server_config(config, provider):
         # Split tunnel: only the linked site hosts are routed through the VPN.
         lines += [f'push "route {link.address} 255.255.255.255"' for link in config.links.values()]
     lines += [
-        f"client-config-dir {config.state('ccd', provider.name)}",
+        f"client-config-dir {config.state.ccd_dir(provider.name)}",
         "ccd-exclusive",
-        f"ca {config.state('pki', 'ca.crt')}",
-        f"cert {config.state('pki', 'server.crt')}",
-        f"key {config.state('pki', 'server.key')}",
+        f"ca {config.state.ca_cert}",
+        f"cert {config.state.server_cert}",
+        f"key {config.state.server_key}",
         "dh none",
-        f"crl-verify {config.state('pki', 'crl.pem')}",
-        f"tls-crypt {config.state('openvpn', provider.name + '.tlscrypt')}",
+        f"crl-verify {config.state.crl}",
+        f"tls-crypt {config.state.tls_crypt_key(provider.name)}",
         "tls-version-min 1.2",
         "remote-cert-tls client",
         "keepalive 10 60",
         "persist-key",
         "persist-tun",
-        f"status {os.path.join(run_dir, provider.name + '.status')} 5",
+        f"status {config.state.vpn_status(provider.name)} 5",
         "status-version 2",
-        f"management {os.path.join(run_dir, provider.name + '.mgmt')} unix",
+        f"management {config.state.management_socket(provider.name)} unix",
         "verb 3",
     ]
     return "\n".join(lines) + "\n"
@@ -1023,8 +1068,8 @@ def openvpn_server_config(config, provider):
 
 def openvpn_client_config(config, provider, certificate):
     """What the VM runs; the client adds its own 'key' line (the key never travels)."""
-    ca = static_text(config.state("pki", "ca.crt")).strip()
-    tls_crypt = static_text(config.state("openvpn", provider.name + ".tlscrypt")).strip()
+    ca = static_text(config.state.ca_cert).strip()
+    tls_crypt = static_text(config.state.tls_crypt_key(provider.name)).strip()
     return "\n".join([
         "client",
         "dev tap" if config.mode == "bridged" else "dev tun",
@@ -1065,7 +1110,7 @@ def write_ccd(config, provider, name, address):
     no certificate to connect with until its enrollment answer. A changed
     entry is replaced atomically; an unchanged one (every reboot) is left be.
     """
-    path = config.state("ccd", provider.name, name)
+    path = config.state.ccd_entry(provider.name, name)
     entry = f"ifconfig-push {address} {segment(config, provider).netmask}\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -1082,14 +1127,14 @@ def write_ccd(config, provider, name, address):
 
 def remove_ccd(config, provider_name, name):
     try:
-        os.unlink(config.state("ccd", provider_name, name))
+        os.unlink(config.state.ccd_entry(provider_name, name))
     except FileNotFoundError:
         pass
 
 
 def management_command(config, provider_name, command, timeout=2.0):
     """Send one command to a running OpenVPN server; its answer, or None if none runs."""
-    path = config.state("run", provider_name + ".mgmt")
+    path = config.state.management_socket(provider_name)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -2161,8 +2206,8 @@ class TLSServer:
 def server_tls_context(config):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.state("pki", "server.crt"), config.state("pki", "server.key"))
-    ctx.load_verify_locations(config.state("pki", "ca.crt"))
+    ctx.load_cert_chain(config.state.server_cert, config.state.server_key)
+    ctx.load_verify_locations(config.state.ca_cert)
     ctx.verify_mode = ssl.CERT_OPTIONAL     # hosts already enrolled present their certificate
     # No client resumes a session (each boot makes one or two requests), so
     # the two TLS 1.3 tickets per connection would be made and parsed for
@@ -2175,7 +2220,7 @@ def serve(config, ready=None):
     # Each worker holds a few more at times (openssl's pipes, sqlite's files).
     raise_open_files_limit(TLSServer.max_connections + 64 + 16 * TLSServer.worker_count())
     store = open_store(config)
-    app = App(config, store, PKI(config.state("pki")))
+    app = App(config, store, PKI(config.state))
     server = TLSServer((config.listen_host, config.listen_port), app, server_tls_context(config),
                        config.request_timeout)
     log(f"enrollment service on https://{config.listen_host}:{server.server_address[1]} "
@@ -2222,9 +2267,16 @@ class Client:
         self.timeout = timeout
         self.wait = wait            # how long a first enrollment keeps trying an unreachable server
         self.steps = []
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
+        # What the client keeps in its state directory (0700):
+        at = functools.partial(os.path.join, state_dir)
+        self.key_path = at("client.key")            # made here, never sent anywhere
+        self.cert_path = at("client.crt")
+        self.enrollment_path = at("enrollment.json")  # the last answer: a later boot needs no server
+        self.vpn_config_path = at("openvpn.conf")
+        self.vpn_pid_path = at("openvpn.pid")
+        self.vpn_log_path = at("openvpn.log")
+        self.site_keys_path = at("ssh_keys.json")    # the site's keys we put in root's authorized_keys
+        self.commands_dir = at("commands")           # the provider's commands, as last run
 
     def main(self):
         started = time.monotonic()
@@ -2242,10 +2294,10 @@ class Client:
         return 1 if failed else 0
 
     def ensure_key(self):
-        if not os.path.exists(self.path("client.key")):
-            make_key(self.path("client.key"))
+        if not os.path.exists(self.key_path):
+            make_key(self.key_path)
             say("made this machine's key")
-        os.chmod(self.path("client.key"), 0o600)
+        os.chmod(self.key_path, 0o600)
 
     # enrollment
 
@@ -2259,8 +2311,8 @@ class Client:
                 say(f"enrollment server unreachable ({e}); using the configuration stored at the last enrollment")
                 return stored
             answer = self.enroll_when_answered(e, deadline)
-        write_file(self.path("client.crt"), answer["certificate"], 0o644)
-        write_file(self.path("enrollment.json"), json.dumps(answer, indent=1), 0o600)
+        write_file(self.cert_path, answer["certificate"], 0o644)
+        write_file(self.enrollment_path, json.dumps(answer, indent=1), 0o600)
         say(f"enrolled as {answer['name']} ({answer['provider']}) at {answer['address']}")
         return answer
 
@@ -2282,7 +2334,7 @@ class Client:
 
     def stored_answer(self):
         try:
-            return json.loads(read_text(self.path("enrollment.json")))
+            return json.loads(read_text(self.enrollment_path))
         except (OSError, ValueError):
             return None
 
@@ -2291,7 +2343,7 @@ class Client:
             "version": hashlib.sha256(read_own_source()).hexdigest(),
             "machine_id": machine_id(),
             "hostname": socket.gethostname(),
-            "csr": make_csr(self.path("client.key"), "dynfarm-client"),   # the server sets the name
+            "csr": make_csr(self.key_path, "dynfarm-client"),   # the server sets the name
             "host_keys": ssh_host_keys(),
             "facts": machine_facts(),
         }
@@ -2314,14 +2366,14 @@ class Client:
         ctx = ssl.create_default_context(cafile=self.ca)   # the site CA only: pinned
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.certificate_usable():
-            ctx.load_cert_chain(self.path("client.crt"), self.path("client.key"))
+            ctx.load_cert_chain(self.cert_path, self.key_path)
         return ctx
 
     def certificate_usable(self):
         """Present our certificate only while it is valid: an expired one would
         make the server refuse the handshake, where the token still works."""
         try:
-            return cert_expires(read_text(self.path("client.crt"))) > time.time() + 60
+            return cert_expires(read_text(self.cert_path)) > time.time() + 60
         except (OSError, ValueError):
             return False
 
@@ -2365,8 +2417,8 @@ class Client:
     # the tunnel
 
     def write_vpn_config(self, answer):
-        text = answer["openvpn_config"] + f"key {self.path('client.key')}\n"
-        write_file(self.path("openvpn.conf"), text, 0o600)
+        text = answer["openvpn_config"] + f"key {self.key_path}\n"
+        write_file(self.vpn_config_path, text, 0o600)
 
     def ensure_tunnel(self, answer):
         """Start OpenVPN unless a tunnel of ours already carries traffic."""
@@ -2374,29 +2426,29 @@ class Client:
             say("tunnel already up; left as it is")
             return
         self.stop_openvpn()
-        run(["openvpn", "--daemon", "dynfarm-client", "--config", self.path("openvpn.conf"),
-             "--writepid", self.path("openvpn.pid"), "--log", self.path("openvpn.log")])
+        run(["openvpn", "--daemon", "dynfarm-client", "--config", self.vpn_config_path,
+             "--writepid", self.vpn_pid_path, "--log", self.vpn_log_path])
         started = time.monotonic()
         while time.monotonic() - started < self.timeout:
             if tunnel_carries_traffic(answer, 0.5):
                 say(f"tunnel up: {answer['address']} reaches {answer['vpn_server']}")
                 return
             if time.monotonic() - started > 1 and not self.openvpn_pid():
-                raise Fatal(f"openvpn exited; see {self.path('openvpn.log')}: "
-                            f"{last_line(self.path('openvpn.log'))}")
+                raise Fatal(f"openvpn exited; see {self.vpn_log_path}: "
+                            f"{last_line(self.vpn_log_path)}")
             time.sleep(0.05)
         raise Fatal(f"VPN tunnel to {answer['vpn_server']} not carrying traffic after {self.timeout:.0f}s; "
-                    f"see {self.path('openvpn.log')}: {last_line(self.path('openvpn.log'))}")
+                    f"see {self.vpn_log_path}: {last_line(self.vpn_log_path)}")
 
     def openvpn_pid(self):
         """The pid of our openvpn if it runs (checked in /proc, not trusted from the file)."""
         try:
-            pid = int(read_text(self.path("openvpn.pid")).strip())
+            pid = int(read_text(self.vpn_pid_path).strip())
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().split(b"\0")
         except (OSError, ValueError):
             return None
-        return pid if self.path("openvpn.conf").encode() in cmdline else None
+        return pid if self.vpn_config_path.encode() in cmdline else None
 
     def stop_openvpn(self):
         pid = self.openvpn_pid()
@@ -2415,9 +2467,8 @@ class Client:
         for entry in custom["files"]:
             self.apply_file(entry)
         failed = 0
-        commands_dir = self.path("commands")
         for command in custom["commands"]:
-            script = os.path.join(commands_dir, command["name"])
+            script = os.path.join(self.commands_dir, command["name"])
             write_file(script, command["script"], 0o700)
             done = subprocess.run(["/bin/sh", script], cwd="/", capture_output=True)
             self.steps.append({"step": "command " + command["name"], "rc": done.returncode})
@@ -2438,7 +2489,7 @@ class Client:
         except FileNotFoundError:
             present = []
         try:
-            ours_before = json.loads(read_text(self.path("ssh_keys.json")))
+            ours_before = json.loads(read_text(self.site_keys_path))
         except (OSError, ValueError):
             ours_before = []
         dropped = [k for k in ours_before if k not in keys]
@@ -2446,7 +2497,7 @@ class Client:
         missing = [k for k in keys if k not in kept]
         if missing or dropped or not os.path.exists(path):
             write_file(path, "".join(line + "\n" for line in kept + missing), 0o600)
-        write_file(self.path("ssh_keys.json"), json.dumps(keys), 0o600)
+        write_file(self.site_keys_path, json.dumps(keys), 0o600)
         self.steps.append({"step": "ssh keys", "added": len(missing), "removed": len(present) - len(kept)})
 
     def apply_file(self, entry):
@@ -3008,17 +3059,17 @@ def summary_line(jobs):
 
 def cmd_init(args, config):
     added = []
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-    for sub in ("run", "openvpn"):
-        os.makedirs(config.state(sub), mode=0o700, exist_ok=True)
-    added += PKI(config.state("pki")).ensure(config.public_address)
-    store = Store(config.state("dynfarm.db"))
+    os.makedirs(config.state.root, mode=0o700, exist_ok=True)
+    for directory in (config.state.run, config.state.openvpn):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    added += PKI(config.state).ensure(config.public_address)
+    store = Store(config.state.database)
     if store.create():
         added.append("site database (dynfarm.db)")
     store.close()
     for provider in config.providers.values():
-        os.makedirs(config.state("ccd", provider.name), mode=0o755, exist_ok=True)
-        key = config.state("openvpn", provider.name + ".tlscrypt")
+        os.makedirs(config.state.ccd_dir(provider.name), mode=0o755, exist_ok=True)
+        key = config.state.tls_crypt_key(provider.name)
         if not os.path.exists(key):
             run(["openvpn", "--genkey", "secret", key])
             os.chmod(key, 0o600)
@@ -3027,13 +3078,13 @@ def cmd_init(args, config):
     for line in added:
         print(f"added: {line}")
     if not added:
-        print(f"nothing to add: site state in {config.state_dir} is complete")
+        print(f"nothing to add: site state in {config.state.root} is complete")
     return 0
 
 
 def write_server_config(config, provider):
     """Regenerate the provider's OpenVPN server configuration if it is missing or stale."""
-    path = config.state("openvpn", provider.name + ".conf")
+    path = config.state.vpn_config(provider.name)
     text = openvpn_server_config(config, provider)
     try:
         if read_text(path) == text:
@@ -3052,12 +3103,12 @@ def cmd_server(args, config):
 
 def cmd_vpn(args, config):
     provider = config.provider(args.provider)
-    if not os.path.exists(config.state("openvpn", provider.name + ".tlscrypt")):
+    if not os.path.exists(config.state.tls_crypt_key(provider.name)):
         raise UsageError(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first")
     if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
         raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
     write_server_config(config, provider)
-    path = config.state("openvpn", provider.name + ".conf")
+    path = config.state.vpn_config(provider.name)
     sys.stdout.flush()
     try:
         os.execvp("openvpn", ["openvpn", "--config", path])
@@ -3089,7 +3140,7 @@ def bootstrap_script(config, provider, token, expires):
         hook_text = read_text(hook)
     except OSError:
         raise Fatal(f"{hook}: missing; bootstrap ships it to the VM, keep it beside dynfarm.py")
-    ca = read_text(config.state("pki", "ca.crt"))
+    ca = read_text(config.state.ca_cert)
     url = f"https://{config.public_address}:{config.listen_port}"
     settings = (f"DYNFARM_SERVER={url}\nDYNFARM_CA=/etc/dynfarm/site-ca.pem\n"
                 f"DYNFARM_TOKEN={token}\nDYNFARM_PROVIDER={provider.name}\n")
@@ -3179,7 +3230,7 @@ def cmd_revoke(args, config):
         if host is None or not store.revoke(host["name"], host["pubkey_sha256"]):
             raise UsageError(f"no host named {args.host} (see 'remote_control list')")
     remove_ccd(config, host["provider"], host["name"])
-    PKI(config.state("pki")).write_crl(store)
+    PKI(config.state).write_crl(store)
     kicked = management_command(config, host["provider"], f"kill {host['name']}")
     print(f"revoked {host['name']}" + ("; its VPN session was ended" if kicked and
                                        any(line.startswith("SUCCESS") for line in kicked) else ""))
@@ -3187,7 +3238,7 @@ def cmd_revoke(args, config):
 
 
 def cmd_links(args, config):
-    record = config.state("run", "links.json")
+    record = config.state.links_record
     return {"up": links_up, "down": links_down, "status": links_status, "peer": links_peer}[args.action](
         args, config, record)
 
@@ -3343,7 +3394,7 @@ def remote_action(config, args, make_argv):
     if not rows:
         raise Fatal("no connected host selected (see 'remote_control list'; --all tries the others too)")
     # A file per run: two runs at once must not rewrite each other's.
-    with tempfile.NamedTemporaryFile("w", dir=config.state("run"), prefix="known_hosts.") as known:
+    with tempfile.NamedTemporaryFile("w", dir=config.state.run, prefix="known_hosts.") as known:
         known.write(known_hosts_lines(rows))
         known.flush()
         return fan_out(rows, make_argv, ssh_options(config, args, known.name), args)

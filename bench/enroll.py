@@ -83,7 +83,7 @@ def cpu_seconds():
 def handshake_cpu(config, rounds=200):
     """Server-side CPU of one TLS handshake, with the server's own context, in memory."""
     server_ctx = dynfarm.server_tls_context(config)
-    client_ctx = ssl.create_default_context(cafile=config.state("pki", "ca.crt"))
+    client_ctx = ssl.create_default_context(cafile=config.state.ca_cert)
     spent = 0.0
     for _ in range(rounds):
         c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
@@ -107,7 +107,7 @@ def handshake_cpu(config, rounds=200):
 
 def signing_cpu(config, csrs, rounds=40):
     """(caller's, openssl's) CPU of one signing call as the server makes it."""
-    pki = dynfarm.PKI(config.state("pki"))
+    pki = dynfarm.PKI(config.state)
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     for i in range(rounds):
         pki.sign_client(csrs[i % len(csrs)], f"bench-{i:04d}", dynfarm.new_serial())
@@ -221,7 +221,7 @@ def reference_server(conf):
     (dynfarm's own), the certificate sent back. No HTTP library, no database,
     no validation, no customization. Runs until terminated."""
     config = dynfarm.load_config(conf)
-    pki = dynfarm.PKI(config.state("pki"))
+    pki = dynfarm.PKI(config.state)
     tls = dynfarm.server_tls_context(config)
     listener = socket.create_server((config.listen_host, config.listen_port), backlog=1024)
     counter = iter(range(1 << 30))
@@ -307,9 +307,9 @@ def dynfarm_round(tmp, csrs, index):
     bodies = [http_post("/v1/enroll", json.dumps({
         "version": version, "token": token, "machine_id": f"bench{i}", "hostname": f"vm{i}",
         "csr": csr, "host_keys": [], "facts": {}}).encode()) for i, csr in enumerate(csrs)]
-    ctx = ssl.create_default_context(cafile=config.state("pki", "ca.crt"))
+    ctx = ssl.create_default_context(cafile=config.state.ca_cert)
     before = floor_now(config, csrs)
-    creation = file_creation_cpu(config.state("fs-probe"))
+    creation = file_creation_cpu(os.path.join(config.state.root, "fs-probe"))
     run = one_round([sys.executable, DYNFARM, "-c", conf, "server"], port, ctx, bodies, site)
     reference = one_round([sys.executable, os.path.abspath(__file__), "--reference", conf], port, ctx, bodies, site)
     after = floor_now(config, csrs)

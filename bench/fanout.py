@@ -186,7 +186,7 @@ def make_site(tmp, n, host_key):
                 f"ssh_keys = {tmp}/authorized_keys\nssh_identity = {tmp}/admin\nmode = routed\n\n"
                 "[provider:bench]\nvpn_port = 1194\nvpn_subnet = 10.99.0.0/22\n")
     config = dynfarm.load_config(conf)
-    store = dynfarm.Store(config.state("dynfarm.db"))
+    store = dynfarm.Store(config.state.database)
     store.create()
     with store.transaction():
         for seq, address in enumerate(addresses(n), 1):

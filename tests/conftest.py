@@ -60,7 +60,7 @@ def site(tmp_path):
     path = write_site(str(tmp_path))
     assert dynfarm.main(["-c", path, "init"]) == 0
     config = dynfarm.load_config(path)
-    return config, dynfarm.open_store(config), dynfarm.PKI(config.state("pki"))
+    return config, dynfarm.open_store(config), dynfarm.PKI(config.state)
 
 
 @pytest.fixture

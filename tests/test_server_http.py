@@ -33,7 +33,7 @@ def server(site):
     httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    ctx = ssl.create_default_context(cafile=config.state("pki", "ca.crt"))
+    ctx = ssl.create_default_context(cafile=config.state.ca_cert)
     yield httpd, ctx, store
     httpd.shutdown()
     httpd.server_close()

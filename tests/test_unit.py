@@ -89,8 +89,9 @@ def test_init_is_idempotent(tmp_path, capsys):
 
 def test_init_secrets_are_private(site):
     config, _, _ = site
-    for name in ("pki/ca.key", "pki/server.key", "openvpn/aruba.tlscrypt", "dynfarm.db"):
-        assert os.stat(config.state(name)).st_mode & 0o077 == 0, name
+    for path in (config.state.ca_key, config.state.server_key, config.state.tls_crypt_key("aruba"),
+                 config.state.database):
+        assert os.stat(path).st_mode & 0o077 == 0, path
 
 
 def test_openvpn_server_config_is_split_static_and_checked(site):
@@ -109,7 +110,7 @@ def test_openvpn_server_config_is_split_static_and_checked(site):
 def test_openvpn_server_config_parses_with_real_openvpn(site, tmp_path):
     """openvpn itself must accept what we generate (a typo would only show at boot)."""
     config, _, _ = site
-    path = config.state("openvpn", "aruba.conf")
+    path = config.state.vpn_config("aruba")
     done = subprocess.run(["openvpn", "--config", path, "--dev", "null", "--ifconfig-noexec",
                            "--route-noexec", "--verb", "0", "--show-ciphers"],
                           capture_output=True, text=True, timeout=20)
@@ -252,7 +253,7 @@ def test_enroll_gives_name_address_and_config(app, make_csr):
     subject = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=answer["certificate"],
                              capture_output=True, text=True).stdout
     assert "CN = aruba-0001" in subject
-    with open(app.config.state("ccd", "aruba", "aruba-0001")) as f:
+    with open(app.config.state.ccd_entry("aruba", "aruba-0001")) as f:
         assert f.read() == "ifconfig-push 10.8.0.2 255.255.255.0\n"
     custom = answer["customization"]
     files = {f["path"]: f for f in custom["files"]}
@@ -430,7 +431,7 @@ def test_bad_requests_get_4xx_and_change_nothing(app, make_csr, mutate, status, 
     got, answer, _ = call(app, "/v1/enroll", body)
     assert got == status and message in answer["error"], answer
     assert db_snapshot(app.store) == before
-    assert os.listdir(app.config.state("ccd", "aruba")) == []
+    assert os.listdir(app.config.state.ccd_dir("aruba")) == []
 
 
 def tamper(csr_pem):
@@ -456,10 +457,10 @@ def test_revoked_host_cannot_re_enroll_and_is_in_the_crl(app, make_csr, capsys):
     key, csr = make_csr()
     answer = call(app, "/v1/enroll", enroll_body(token, csr))[1]
     assert dynfarm.main(["-c", app.config.path, "revoke", answer["name"]]) == 0
-    assert not os.path.exists(app.config.state("ccd", "aruba", answer["name"]))
+    assert not os.path.exists(app.config.state.ccd_entry("aruba", answer["name"]))
     status, err, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
     assert status == 403 and "revoked" in err["error"]
-    crl = subprocess.run(["openssl", "crl", "-in", app.config.state("pki", "crl.pem"), "-noout", "-text"],
+    crl = subprocess.run(["openssl", "crl", "-in", app.config.state.crl, "-noout", "-text"],
                          capture_output=True, text=True).stdout
     serial = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=answer["certificate"],
                             capture_output=True, text=True).stdout.split("=")[1].strip()
@@ -481,10 +482,10 @@ def test_signing_command_checks_the_request_and_forces_the_name(site, make_csr, 
     serial = dynfarm.new_serial()
     pki.sign_client(csr, "aruba-0042", serial)
     argv, given = seen[0]
-    assert argv[:8] == ["openssl", "req", "-config", pki.path("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509"]
+    assert argv[:8] == ["openssl", "req", "-config", pki.state.pki_file("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509"]
     assert argv[argv.index("-subj") + 1] == "/CN=aruba-0042"
     assert argv[argv.index("-set_serial") + 1] == "0x" + serial
-    assert argv[argv.index("-CAkey") + 1] == pki.path("ca.key")
+    assert argv[argv.index("-CAkey") + 1] == pki.state.ca_key
     assert "extendedKeyUsage=clientAuth" in argv and given == csr.encode()
 
 
@@ -589,7 +590,7 @@ def test_a_first_enrollment_gives_up_after_its_wait(client, monkeypatch, attempt
 def test_a_later_boot_uses_what_it_stored_at_once(client, monkeypatch):
     client.wait = 300
     os.makedirs(client.dir)
-    dynfarm.write_file(client.path("enrollment.json"), json.dumps(ENROLLED), 0o600)
+    dynfarm.write_file(client.enrollment_path, json.dumps(ENROLLED), 0o600)
     slept, _ = unreachable_then(client, monkeypatch, 1000)
     assert client.enroll_or_stored() == ENROLLED
     assert slept == []
@@ -873,7 +874,7 @@ def cert_serial(certificate):
 
 
 def crl_serials(config):
-    text = subprocess.run(["openssl", "crl", "-in", config.state("pki", "crl.pem"), "-noout", "-text"],
+    text = subprocess.run(["openssl", "crl", "-in", config.state.crl, "-noout", "-text"],
                           capture_output=True, text=True, check=True).stdout
     return {line.split(":", 1)[1].strip().lower() for line in text.splitlines() if "Serial Number:" in line}
 
@@ -885,7 +886,7 @@ def test_a_revoke_landing_while_a_host_re_enrolls_wins_and_lists_its_live_certif
     revoke_while_signing(app, monkeypatch)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
     assert status == 403 and "revoked" in answer["error"]
-    assert not os.path.exists(app.config.state("ccd", "aruba", first["name"]))
+    assert not os.path.exists(app.config.state.ccd_entry("aruba", first["name"]))
     # The certificate the machine holds is the one to refuse, not the one never handed out.
     assert crl_serials(app.config) == {cert_serial(first["certificate"])}
 
@@ -898,7 +899,7 @@ def test_a_revoke_of_a_new_host_while_signing_keeps_its_row_and_token_use(app, m
     (host,) = app.store.hosts()
     assert host["revoked_at"] is not None      # not released: the revoke stands
     assert dynfarm.check_token(app.store, token)["uses_left"] == 1
-    assert not os.path.exists(app.config.state("ccd", "aruba", host["name"]))
+    assert not os.path.exists(app.config.state.ccd_entry("aruba", host["name"]))
     assert crl_serials(app.config) == set(signed)
 
 
@@ -911,7 +912,7 @@ def test_a_revoke_of_a_new_host_stands_when_its_signing_then_fails(app, make_csr
     (host,) = app.store.hosts()
     assert host["revoked_at"] is not None
     assert dynfarm.check_token(app.store, token)["uses_left"] == 1
-    assert not os.path.exists(app.config.state("ccd", "aruba", host["name"]))
+    assert not os.path.exists(app.config.state.ccd_entry("aruba", host["name"]))
     monkeypatch.undo()
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
     assert status == 403 and "revoked" in answer["error"]
@@ -942,7 +943,7 @@ def test_a_failed_enrollment_leaves_the_row_a_retry_took_over(app, make_csr, mon
     status, retry, _ = answers[0]
     assert status == 200 and retry["name"] == "aruba-0001"
     assert app.store.host("aruba-0001")["serial"] == cert_serial(retry["certificate"])
-    assert os.path.exists(app.config.state("ccd", "aruba", "aruba-0001"))
+    assert os.path.exists(app.config.state.ccd_entry("aruba", "aruba-0001"))
     assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"] == "aruba-0002"
 
 
@@ -954,7 +955,7 @@ def test_an_enrollment_overtaken_by_a_retry_does_not_hand_out_its_certificate(ap
     assert status == 409 and "enrolled again" in answer["error"]
     retry = answers[0][1]
     assert app.store.host("aruba-0001")["serial"] == cert_serial(retry["certificate"])
-    assert os.path.exists(app.config.state("ccd", "aruba", "aruba-0001"))
+    assert os.path.exists(app.config.state.ccd_entry("aruba", "aruba-0001"))
 
 
 def test_a_retry_does_not_take_over_the_machine_its_name_went_to(app, make_csr, monkeypatch):
@@ -1028,7 +1029,7 @@ def test_a_bad_request_carrying_an_enrolled_key_changes_nothing(app, make_csr):
 def test_ccd_entry_is_written_once_and_replaced_when_it_changes(site):
     config, _, _ = site
     provider = config.providers["aruba"]
-    path = config.state("ccd", "aruba", "aruba-0001")
+    path = config.state.ccd_entry("aruba", "aruba-0001")
     dynfarm.write_ccd(config, provider, "aruba-0001", "10.8.0.2")
     first = os.stat(path)
     assert open(path).read() == "ifconfig-push 10.8.0.2 255.255.255.0\n"
@@ -1092,7 +1093,7 @@ def test_an_expired_client_certificate_is_not_presented(app, make_csr, client, m
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     key, csr = make_csr()
     os.makedirs(client.dir, exist_ok=True)
-    with open(client.path("client.crt"), "w") as f:
+    with open(client.cert_path, "w") as f:
         f.write(call(app, "/v1/enroll", enroll_body(token, csr))[1]["certificate"])
     assert client.certificate_usable()
     monkeypatch.setattr(dynfarm.time, "time", lambda: 4102444800.0)      # 2100
