@@ -29,7 +29,7 @@ from test_unit import db_snapshot, enroll_body
 @pytest.fixture
 def server(site):
     config, store, pki = site
-    app = dynfarm.App(config, store, pki)
+    app = dynfarm.App(config)
     httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -218,7 +218,7 @@ def test_bare_line_feeds_and_a_leading_empty_line_are_understood(server, head):
 
 def test_an_answer_that_cannot_be_sent_gets_500_and_keeps_every_worker(server, monkeypatch):
     httpd, ctx, _ = server
-    monkeypatch.setattr(httpd.app, "handle", lambda request: (200, {"raw": b"not JSON"}, {}))
+    monkeypatch.setattr(httpd, "app", lambda request: (200, {"raw": b"not JSON"}, {}))
     for _ in range(len(httpd.workers) + 1):
         with pytest.raises(urllib.error.HTTPError) as refused:
             healthy(httpd, ctx)
@@ -255,12 +255,12 @@ def test_a_trickling_peer_gets_a_bounded_share_of_the_loop():
 
 def test_a_bug_in_a_request_gets_500_and_the_server_keeps_serving(server, monkeypatch):
     httpd, ctx, _ = server
-    handle = httpd.app.handle
+    handle = httpd.app
 
     def broken_once(request):
-        monkeypatch.setattr(httpd.app, "handle", handle)
+        monkeypatch.setattr(httpd, "app", handle)
         raise RuntimeError("a bug")
-    monkeypatch.setattr(httpd.app, "handle", broken_once)
+    monkeypatch.setattr(httpd, "app", broken_once)
     with pytest.raises(urllib.error.HTTPError) as refused:
         healthy(httpd, ctx)
     assert refused.value.code == 500
@@ -329,12 +329,12 @@ def test_a_request_waiting_for_a_worker_is_not_cut_off(server, monkeypatch):
     """request_timeout (2 s here) bounds the client's slowness, not the
     server's queue: requests held past it by busy workers are still answered."""
     httpd, ctx, _ = server
-    release, handle = threading.Event(), httpd.app.handle
+    release, handle = threading.Event(), httpd.app
 
     def held(request):
         release.wait(10)
         return handle(request)
-    monkeypatch.setattr(httpd.app, "handle", held)
+    monkeypatch.setattr(httpd, "app", held)
     results = []
     clients = [threading.Thread(target=lambda: results.append(healthy(httpd, ctx)))
                for _ in range(len(httpd.workers) + 2)]

@@ -135,7 +135,7 @@ def test_token_checks(site):
     with pytest.raises(dynfarm.RequestError, match="expired"):
         dynfarm.check_token(store, expired, now=time.time() + 5)
     used, _ = dynfarm.new_token(store, "aruba", 1, 60)
-    store.use_token(used.split(".")[0])
+    store.spend_token(used.split(".")[0], time.time())
     with pytest.raises(dynfarm.RequestError, match="used up"):
         dynfarm.check_token(store, used)
     for bad in ("", "nodot", good + "x", "." + good.split(".")[1], good.split(".")[0] + ".wrong"):
@@ -227,7 +227,7 @@ def enroll_body(token, csr, **extra):
 
 def call(app, path, body, peer_ip="127.0.0.1", method="POST", peer=("", "")):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return app.handle(dynfarm.Request(method, path, raw, peer_ip, *peer))
+    return app(dynfarm.Request(method, path, raw, peer_ip, *peer))
 
 
 def db_snapshot(store):
@@ -238,7 +238,7 @@ def db_snapshot(store):
 @pytest.fixture
 def app(site):
     config, store, pki = site
-    return dynfarm.App(config, store, pki)
+    return dynfarm.App(config)
 
 
 def test_enroll_gives_name_address_and_config(app, make_csr):
@@ -264,7 +264,7 @@ def test_enroll_gives_name_address_and_config(app, make_csr):
 
 
 def served_files(app):
-    return {f["path"]: f for f in dynfarm.customization(app.config, app.config.providers["aruba"])["files"]}
+    return {f["path"]: f for f in app.customization(app.config.providers["aruba"])["files"]}
 
 
 def test_customization_edits_reach_the_next_enrollment(app):
@@ -390,7 +390,7 @@ def test_enrolled_machine_cannot_move_to_another_provider(app, make_csr):
 def test_source_networks_are_enforced(site, make_csr):
     config, store, pki = site
     config.providers["aruba"].networks = [dynfarm.ipaddress.IPv4Network("192.0.2.0/24")]
-    app = dynfarm.App(config, store, pki)
+    app = dynfarm.App(config)
     token, _ = dynfarm.new_token(store, "aruba", 1, 60)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]), peer_ip="198.51.100.7")
     assert status == 403 and "not in provider aruba's networks" in answer["error"]
@@ -1052,7 +1052,7 @@ def test_openssl_failure_is_not_blamed_on_the_request(site, make_csr, monkeypatc
 def test_ipv4_clients_of_an_ipv6_listener_keep_their_networks(site, make_csr):
     config, store, pki = site
     config.providers["aruba"].networks = [dynfarm.ipaddress.IPv4Network("127.0.0.0/8")]
-    app = dynfarm.App(config, store, pki)
+    app = dynfarm.App(config)
     token, _ = dynfarm.new_token(store, "aruba", 1, 60)
     assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]), peer_ip="::ffff:127.0.0.1")[0] == 200
 
