@@ -10,9 +10,10 @@ One file, standard library only, Python 3.9+. It is:
 
 Sections, in the order data flows (grep for "# === "):
 
-  constants -> errors -> seam (external commands) -> config -> store (sqlite)
-  -> tokens, addresses -> PKI -> network (OpenVPN; links) -> server -> client
-  -> remote_control -> CLI
+  constants -> errors -> seam (external commands, files) -> config and the
+  state directory -> store (sqlite) -> tokens, addresses -> PKI -> network
+  (OpenVPN; links) -> site (init, revoke) -> enrollment service -> HTTPS
+  transport -> bootstrap -> client -> remote_control -> CLI
 
 The enrollment API (a client can be written from this):
 
@@ -129,16 +130,16 @@ class Overtaken(Fatal):
     overtook ours while it was signed (App.overtaken)."""
 
 
+# === Seam: every external command goes through run(); files ===
+
+# -v sets it: every external command is then echoed as "[#] ..." on stderr.
+ECHO_COMMANDS = False
+
+
 def log(message):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     sys.stderr.write(f"{stamp} dynfarm: {message}\n")
     sys.stderr.flush()
-
-
-# === Seam: every external command goes through run() ===
-
-# -v sets it: every external command is then echoed as "[#] ..." on stderr.
-ECHO_COMMANDS = False
 
 
 def run(argv, input=None, check=True, timeout=120):
@@ -1107,6 +1108,34 @@ def remove_ccd(config, provider_name, name):
         pass
 
 
+def write_server_config(config, provider):
+    """Regenerate the provider's OpenVPN server configuration if it is missing or stale."""
+    path = config.state.vpn_config(provider.name)
+    text = openvpn_server_config(config, provider)
+    try:
+        if read_text(path) == text:
+            return []
+        what = "updated"
+    except FileNotFoundError:
+        what = "added"
+    write_file(path, text, 0o600)
+    return [f"OpenVPN server configuration for {provider.name} ({what}: openvpn/{provider.name}.conf)"]
+
+
+def exec_vpn_server(config, provider):
+    """Become the provider's OpenVPN server (its configuration brought up to date first)."""
+    if not os.path.exists(config.state.tls_crypt_key(provider.name)):
+        raise UsageError(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first")
+    if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
+        raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
+    write_server_config(config, provider)
+    sys.stdout.flush()
+    try:
+        os.execvp("openvpn", ["openvpn", "--config", config.state.vpn_config(provider.name)])
+    except FileNotFoundError:
+        raise Fatal("openvpn: command not found; install the openvpn package")
+
+
 def management_command(config, provider_name, command, timeout=2.0):
     """Send one command to a running OpenVPN server; its answer, or None if none runs."""
     path = config.state.management_socket(provider_name)
@@ -1444,6 +1473,139 @@ def peer_answers(link, timeout=1.0):
         except OSError:
             return False
         return True
+
+
+def links_up(config, dry_run=False):
+    """Apply the links plan (or print it), recorded with its undo; a changed plan replaces the old."""
+    record = config.state.links_record
+    plan = links_plan(config, link_routes(config) if config.mode != "bridged" else {})
+    if dry_run:
+        for action in plan:
+            print("[#] " + " ".join(shlex.quote(a) for a in action["do"]))
+        return 0
+    recorded = read_record(record)
+    if recorded is not None:
+        if [a["do"] for a in recorded] == [a["do"] for a in plan]:
+            print("links already up; nothing changed")
+            return 0
+        print("configuration changed: taking the old links down first")
+        undo_steps(recorded)
+        remove_file(record)
+    os.makedirs(os.path.dirname(record), mode=0o700, exist_ok=True)
+    apply_plan(plan, record)
+    print(f"links up ({config.mode} mode): {len(plan)} actions, recorded in {record}; "
+          "'dynfarm.py links down' undoes exactly these")
+    return 0
+
+
+def read_record(record):
+    """What the last 'links up' did, if it still stands (the kernel forgets at reboot)."""
+    try:
+        recorded = json.loads(read_text(record))
+    except (OSError, ValueError):
+        return None
+    if recorded.get("boot") != boot_id():
+        remove_file(record)     # stale: made before a reboot
+        return None
+    return recorded["steps"]
+
+
+def links_down(config):
+    """Undo exactly what the last 'links up' recorded."""
+    record = config.state.links_record
+    recorded = read_record(record)
+    if recorded is None:
+        print("links are not up; nothing to do")
+        return 0
+    failures = undo_steps(recorded)
+    remove_file(record)
+    for failure in failures:
+        sys.stderr.write(f"dynfarm: could not undo: {failure}\n")
+    print(f"links down: {len(recorded) - len(failures)} of {len(recorded)} actions undone")
+    return 1 if failures else 0
+
+
+def links_status(config):
+    """Print each link's state and whether its peer answers; 1 if links are up and a peer is silent."""
+    up = read_record(config.state.links_record) is not None
+    print(f"mode {config.mode}; links {'up' if up else 'down'}")
+    if config.mode == "bridged":
+        for provider in config.providers.values():
+            tap = provider.interface
+            bridged = os.path.exists(f"/sys/class/net/{tap}/brport")
+            print(f"  {tap}: " + ("in bridge " + config.bridge if bridged else "not bridged")
+                  + f", pool {segment(config, provider).describe()}")
+        return 0
+    if config.mode == "routed":
+        subnets = ", ".join(str(p.vpn_subnet) for p in config.providers.values())
+        print(f"the site's routers must route {subnets} to this host, e.g.:")
+        for provider in config.providers.values():
+            print(f"  ip route add {provider.vpn_subnet} via ADDRESS-OF-THIS-HOST")
+        return 0
+    rows = []
+    for link in config.links.values():
+        present = os.path.exists(f"/sys/class/net/{link.device}")
+        answers = present and peer_answers(link)
+        rows.append({"link": link.name, "encap": link.encap, "address": str(link.address),
+                     "device": link.device, "state": "up" if present else "absent",
+                     "peer": "answers" if answers else "silent"})
+    if rows:
+        print(format_table(rows, ["link", "encap", "address", "device", "state", "peer"]))
+    else:
+        print("no [link:NAME] sections: VMs reach only the VPN server")
+    return 0 if all(r["peer"] == "answers" for r in rows) or not up else 1
+
+
+def links_peer(config, name, down=False):
+    """Print the linked host's script (POSIX sh) for its end of link NAME."""
+    if name not in config.links:
+        known = ", ".join(config.links) or "none"
+        raise UsageError(f"no link named '{name}' (configured: {known})")
+    link = config.links[name]
+    print(peer_script(config, link, link_routes(config)[link.name][0], down=down), end="")
+    return 0
+
+
+# === Site: init and revoke ===
+
+def init_site(config):
+    """Create what the site state lacks; the list of what was added (empty: it was complete)."""
+    added = []
+    os.makedirs(config.state.root, mode=0o700, exist_ok=True)
+    for directory in (config.state.run, config.state.openvpn):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    added += PKI(config.state).ensure(config.public_address)
+    store = Store(config.state.database)
+    if store.create():
+        added.append("site database (dynfarm.db)")
+    store.close()
+    for provider in config.providers.values():
+        os.makedirs(config.state.ccd_dir(provider.name), mode=0o755, exist_ok=True)
+        key = config.state.tls_crypt_key(provider.name)
+        if not os.path.exists(key):
+            run(["openvpn", "--genkey", "secret", key])
+            os.chmod(key, 0o600)
+            added.append(f"tls-crypt key for {provider.name}")
+        added += write_server_config(config, provider)
+    return added
+
+
+def revoke_host(config, name):
+    """Revoke a host: refused at re-enrollment, on the CRL, its ccd entry gone, its VPN session ended.
+
+    Returns what was done, as one line.
+    """
+    store = open_store(config)
+    host = store.host(name)
+    with store.transaction():
+        # Gone since the read? (a new host's failed enrollment releases its row)
+        if host is None or not store.revoke(host["name"], host["pubkey_sha256"]):
+            raise UsageError(f"no host named {name} (see 'remote_control list')")
+    remove_ccd(config, host["provider"], host["name"])
+    PKI(config.state).write_crl(store)
+    kicked = management_command(config, host["provider"], f"kill {host['name']}")
+    ended = kicked and any(line.startswith("SUCCESS") for line in kicked)
+    return f"revoked {host['name']}" + ("; its VPN session was ended" if ended else "")
 
 
 # === Enrollment service ===
@@ -2223,6 +2385,97 @@ def raise_open_files_limit(wanted):
                                                     else min(wanted, hard), hard))
 
 
+# === Bootstrap: what a fresh VM runs ===
+
+def bootstrap_script(config, provider, token, expires):
+    """The POSIX sh that installs the boot hook on a fresh VM and enrolls it now."""
+    hook = os.path.join(os.path.dirname(os.path.realpath(__file__)), "dynfarm-client.sh")
+    try:
+        hook_text = read_text(hook)
+    except OSError:
+        raise Fatal(f"{hook}: missing; bootstrap ships it to the VM, keep it beside dynfarm.py")
+    ca = read_text(config.state.ca_cert)
+    url = f"https://{config.public_address}:{config.listen_port}"
+    settings = (f"DYNFARM_SERVER={url}\nDYNFARM_CA=/etc/dynfarm/site-ca.pem\n"
+                f"DYNFARM_TOKEN={token}\nDYNFARM_PROVIDER={provider.name}\n")
+    for text in (hook_text, ca, settings):
+        if "\nDYNFARM_EOF\n" in "\n" + text:
+            raise Fatal("bootstrap: an embedded file contains the here-document marker DYNFARM_EOF")
+    until = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(expires))
+    return f"""#!/bin/sh
+# dynfarm bootstrap for provider {provider.name}: run as root on a fresh VM.
+# Installs the boot hook and enrolls this machine now. Token valid until {until}.
+set -eu
+
+install_files() {{
+    umask 077
+    mkdir -p /etc/dynfarm /usr/local/sbin
+    cat > /etc/dynfarm/site-ca.pem <<'DYNFARM_EOF'
+{ca.strip()}
+DYNFARM_EOF
+    cat > /etc/dynfarm/client.conf <<'DYNFARM_EOF'
+{settings.strip()}
+DYNFARM_EOF
+    cat > /usr/local/sbin/dynfarm-client.sh.new <<'DYNFARM_EOF'
+{hook_text.rstrip()}
+DYNFARM_EOF
+    chmod 0755 /usr/local/sbin/dynfarm-client.sh.new
+    mv /usr/local/sbin/dynfarm-client.sh.new /usr/local/sbin/dynfarm-client.sh
+}}
+
+install_hook() {{
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        umask 022
+        cat > /etc/systemd/system/dynfarm-client.service <<'DYNFARM_EOF'
+[Unit]
+Description=dynfarm: join the site (VPN, customization)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/dynfarm-client.sh
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+DYNFARM_EOF
+        systemctl daemon-reload
+        systemctl enable dynfarm-client.service
+    elif [ -d /etc/cron.d ]; then
+        # cron's own PATH lacks the sbin directories where openvpn lives
+        printf 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\\n%s\\n' \\
+            '@reboot root /usr/local/sbin/dynfarm-client.sh' > /etc/cron.d/dynfarm
+        chmod 0644 /etc/cron.d/dynfarm
+    else
+        [ -f /etc/rc.local ] || printf '#!/bin/sh\\n' > /etc/rc.local
+        grep -q dynfarm-client.sh /etc/rc.local || printf '/usr/local/sbin/dynfarm-client.sh &\\n' >> /etc/rc.local
+        chmod 0755 /etc/rc.local
+    fi
+}}
+
+main() {{
+    install_files
+    install_hook
+    exec /usr/local/sbin/dynfarm-client.sh
+}}
+
+main "$@"
+"""
+
+
+def cloud_init(script):
+    encoded = base64.b64encode(script.encode()).decode()
+    return ("#cloud-config\n"
+            "write_files:\n"
+            "  - path: /run/dynfarm-bootstrap.sh\n"
+            "    permissions: '0700'\n"
+            "    encoding: b64\n"
+            f"    content: {encoded}\n"
+            "runcmd:\n"
+            "  - [sh, /run/dynfarm-bootstrap.sh]\n")
+
+
 # === Client ===
 
 class Client:
@@ -2773,24 +3026,47 @@ def host_rows(config, store, providers):
     return rows
 
 
-def select_hosts(config, store, args):
-    """The rows chosen by -p, -w, -x (and, for actions, connected unless --all)."""
-    providers = set(args.provider or [])
-    for name in providers:
+# Which hosts an action or list is for: providers (a set, empty for all),
+# then the host sets to take (-w) and to leave out (-x), each None for none.
+Selection = collections.namedtuple("Selection", "providers hosts exclude")
+
+
+def select_hosts(config, store, selection):
+    """The rows of the selected hosts, in provider and sequence order."""
+    for name in selection.providers:
         config.provider(name)
-    rows = host_rows(config, store, providers)
+    rows = host_rows(config, store, selection.providers)
     try:
-        if args.hosts:
-            chosen, unmatched = match_hosts(args.hosts, [r["name"] for r in rows])
+        if selection.hosts:
+            chosen, unmatched = match_hosts(selection.hosts, [r["name"] for r in rows])
             if unmatched:
                 sys.stderr.write(f"dynfarm: no such host: {fold_hosts(unmatched)}\n")
             rows = [r for r in rows if r["name"] in set(chosen)]
-        if args.exclude:
-            excluded = set(match_hosts(args.exclude, [r["name"] for r in rows])[0])
+        if selection.exclude:
+            excluded = set(match_hosts(selection.exclude, [r["name"] for r in rows])[0])
             rows = [r for r in rows if r["name"] not in excluded]
     except ValueError as e:
         raise UsageError(f"bad host set: {e}")
     return rows
+
+
+def list_hosts(config, selection, as_json=False):
+    """remote_control list: a table, or everything recorded as JSON."""
+    rows = select_hosts(config, open_store(config), selection)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        for row in rows:
+            row["last seen"] = ago(row["last_seen"])
+            row["version"] = row["client_version"] or "-"
+            row["cores"] = row["facts"].get("cores", "-")
+            memory = row["facts"].get("memory_mb")
+            row["memory"] = f"{memory // 1024} GiB" if isinstance(memory, int) else "-"
+        print(format_table(rows, ["name", "provider", "address", "state", "last seen", "version", "cores",
+                                  "memory"]))
+    else:
+        sys.stderr.write("no hosts enrolled match\n")
+    return 0
 
 
 def format_table(rows, columns):
@@ -2824,14 +3100,34 @@ def known_hosts_lines(rows):
 
 # --- ssh, scp and the fan-out ---
 
-SSH_STATUSES = ("ok", "failed", "unreachable", "timeout", "hostkey", "interrupted")
+@dataclasses.dataclass
+class Reach:
+    """How an action reaches the selected hosts (-f, -u, -t, --reuse, --all)."""
+    fanout: int = 64
+    timeout: float = 0            # seconds per host for the command; 0: no limit
+    connect_timeout: float = 10
+    reuse: bool = False           # keep ssh connections open for later runs
+    all: bool = False             # also the hosts the VPN does not show connected
 
 
-def ssh_options(config, args, known_hosts_path):
+# How a host's part can end, with the word that says so in its line and in
+# the summary; the first four are counted in every summary, even at zero.
+STATUS_WORDS = {
+    "ok": "ok",
+    "failed": "failed",
+    "unreachable": "unreachable",
+    "timeout": "timed out",
+    "hostkey": "host key refused",
+    "interrupted": "interrupted",
+}
+ALWAYS_COUNTED = ("ok", "failed", "unreachable", "timeout")
+
+
+def ssh_options(config, reach, known_hosts_path):
     """Options shared by ssh and scp: never a prompt, never trust on first use."""
     options = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", f"UserKnownHostsFile={known_hosts_path}", "-o", "GlobalKnownHostsFile=/dev/null",
-               "-o", f"ConnectTimeout={args.connect_timeout:g}", "-o", "ServerAliveInterval=15",
+               "-o", f"ConnectTimeout={reach.connect_timeout:g}", "-o", "ServerAliveInterval=15",
                "-o", "LogLevel=ERROR", "-o", "User=root",
                # OpenSSH 9.0-9.8 put the sntrup761 hybrid first: 80 ms of client
                # CPU per connection here against 12 ms for curve25519, which
@@ -2841,7 +3137,7 @@ def ssh_options(config, args, known_hosts_path):
                "-o", "KexAlgorithms=-sntrup761x25519-sha512*"]
     if config.ssh_identity:
         options += ["-i", config.ssh_identity, "-o", "IdentitiesOnly=yes"]
-    if args.reuse:
+    if reach.reuse:
         # One master connection per host, kept 10 minutes: a series of
         # commands pays the key exchange once.
         options += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
@@ -3021,54 +3317,103 @@ def classify(rc, stderr):
 
 def summary_line(jobs):
     """'3 ok, 1 failed, 0 unreachable, 0 timed out' (+ refused host keys, interrupted)."""
-    counts = {status: 0 for status in SSH_STATUSES}
+    counts = collections.Counter(job.status for job in jobs)
+    return ", ".join(f"{counts[status]} {word}" for status, word in STATUS_WORDS.items()
+                     if counts[status] or status in ALWAYS_COUNTED)
+
+
+def host_verdict(job):
+    """The line for a host that did not succeed: its status word and why."""
+    if job.status == "failed":
+        why = f"exit {job.rc}"
+    elif job.status == "timeout":
+        why = "killed"
+    else:
+        lines = job.err.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else ""
+    return f"{job.host}: {STATUS_WORDS[job.status]}" + (f" ({why})" if why else "")
+
+
+# --- output: chosen once per run ---
+
+class LinesOutput:
+    """Each line as it arrives, as 'HOST: line' (stderr's lines on stderr)."""
+    progress = True
+
+    def on_line(self, host, stream, text):
+        print(f"{host}: {text}", file=sys.stdout if stream == "out" else sys.stderr, flush=True)
+
+    def report(self, jobs):
+        pass     # every line is out already
+
+
+class GatheredOutput:
+    """-b: each distinct output once, under the folded set of its hosts."""
+    progress = True
+    on_line = None
+
+    def report(self, jobs):
+        outputs = {j.host: j.out.decode(errors="replace") for j in jobs if j.status in ("ok", "failed")}
+        for hosts, output in gather_outputs(outputs):
+            print(f"---------------\n{hosts} ({len(expand_hosts(hosts))})\n---------------")
+            print(output, end="" if output.endswith("\n") or not output else "\n")
+
+
+class JsonOutput:
+    """--json: per host, its status, exit code, stdout, stderr and time."""
+    progress = False    # stderr may be read by the same program
+    on_line = None
+
+    def report(self, jobs):
+        print(json.dumps([{"host": j.host, "status": j.status, "exit_code": j.rc,
+                           "stdout": j.out.decode(errors="replace"), "stderr": j.err.decode(errors="replace"),
+                           "seconds": round(j.seconds, 3)} for j in jobs], indent=1))
+
+
+def remote_action(config, selection, reach, make_argv, output):
+    """Select, fan out, report: what run, put and get share. make_argv(row, ssh options) -> argv."""
+    store = open_store(config)
+    rows = [r for r in select_hosts(config, store, selection) if r["state"] != "revoked"]
+    if not reach.all:
+        rows = [r for r in rows if r["state"] == "connected"]
+    if not rows:
+        raise Fatal("no connected host selected (see 'remote_control list'; --all tries the others too)")
+    # A file per run: two runs at once must not rewrite each other's.
+    with tempfile.NamedTemporaryFile("w", dir=config.state.run, prefix="known_hosts.") as known:
+        known.write(known_hosts_lines(rows))
+        known.flush()
+        options = ssh_options(config, reach, known.name)
+        return fan_out([Job(r["name"], make_argv(r, options)) for r in rows], reach, output)
+
+
+def fan_out(jobs, reach, output):
+    """Run the jobs, report them; the exit code (130 if interrupted)."""
+    fan = FanOut(jobs, reach.fanout, reach.timeout, on_line=output.on_line,
+                 progress=output.progress and sys.stderr.isatty())
+    try:
+        fan.run()
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.status = job.status or "interrupted"
+        sys.stderr.write(f"\ninterrupted: {summary_line(jobs)}\n")
+        return 130
+    output.report(jobs)
     for job in jobs:
-        counts[job.status] += 1
-    words = {"ok": "ok", "failed": "failed", "unreachable": "unreachable", "timeout": "timed out",
-             "hostkey": "host key refused", "interrupted": "interrupted"}
-    always = ("ok", "failed", "unreachable", "timeout")
-    return ", ".join(f"{counts[s]} {words[s]}" for s in SSH_STATUSES if counts[s] or s in always)
+        if job.status != "ok":
+            sys.stderr.write(host_verdict(job) + "\n")
+    sys.stderr.write(summary_line(jobs) + "\n")
+    return 0 if all(job.status == "ok" for job in jobs) else 1
 
 
 # === CLI ===
 
 def cmd_init(args, config):
-    added = []
-    os.makedirs(config.state.root, mode=0o700, exist_ok=True)
-    for directory in (config.state.run, config.state.openvpn):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    added += PKI(config.state).ensure(config.public_address)
-    store = Store(config.state.database)
-    if store.create():
-        added.append("site database (dynfarm.db)")
-    store.close()
-    for provider in config.providers.values():
-        os.makedirs(config.state.ccd_dir(provider.name), mode=0o755, exist_ok=True)
-        key = config.state.tls_crypt_key(provider.name)
-        if not os.path.exists(key):
-            run(["openvpn", "--genkey", "secret", key])
-            os.chmod(key, 0o600)
-            added.append(f"tls-crypt key for {provider.name}")
-        added += write_server_config(config, provider)
+    added = init_site(config)
     for line in added:
         print(f"added: {line}")
     if not added:
         print(f"nothing to add: site state in {config.state.root} is complete")
     return 0
-
-
-def write_server_config(config, provider):
-    """Regenerate the provider's OpenVPN server configuration if it is missing or stale."""
-    path = config.state.vpn_config(provider.name)
-    text = openvpn_server_config(config, provider)
-    try:
-        if read_text(path) == text:
-            return []
-        what = "updated"
-    except FileNotFoundError:
-        what = "added"
-    write_file(path, text, 0o600)
-    return [f"OpenVPN server configuration for {provider.name} ({what}: openvpn/{provider.name}.conf)"]
 
 
 def cmd_server(args, config):
@@ -3077,18 +3422,7 @@ def cmd_server(args, config):
 
 
 def cmd_vpn(args, config):
-    provider = config.provider(args.provider)
-    if not os.path.exists(config.state.tls_crypt_key(provider.name)):
-        raise UsageError(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first")
-    if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
-        raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
-    write_server_config(config, provider)
-    path = config.state.vpn_config(provider.name)
-    sys.stdout.flush()
-    try:
-        os.execvp("openvpn", ["openvpn", "--config", path])
-    except FileNotFoundError:
-        raise Fatal("openvpn: command not found; install the openvpn package")
+    exec_vpn_server(config, config.provider(args.provider))
 
 
 def cmd_token(args, config):
@@ -3108,199 +3442,19 @@ def cmd_bootstrap(args, config):
     return 0
 
 
-def bootstrap_script(config, provider, token, expires):
-    """The POSIX sh that installs the boot hook on a fresh VM and enrolls it now."""
-    hook = os.path.join(os.path.dirname(os.path.realpath(__file__)), "dynfarm-client.sh")
-    try:
-        hook_text = read_text(hook)
-    except OSError:
-        raise Fatal(f"{hook}: missing; bootstrap ships it to the VM, keep it beside dynfarm.py")
-    ca = read_text(config.state.ca_cert)
-    url = f"https://{config.public_address}:{config.listen_port}"
-    settings = (f"DYNFARM_SERVER={url}\nDYNFARM_CA=/etc/dynfarm/site-ca.pem\n"
-                f"DYNFARM_TOKEN={token}\nDYNFARM_PROVIDER={provider.name}\n")
-    for text in (hook_text, ca, settings):
-        if "\nDYNFARM_EOF\n" in "\n" + text:
-            raise Fatal("bootstrap: an embedded file contains the here-document marker DYNFARM_EOF")
-    until = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(expires))
-    return f"""#!/bin/sh
-# dynfarm bootstrap for provider {provider.name}: run as root on a fresh VM.
-# Installs the boot hook and enrolls this machine now. Token valid until {until}.
-set -eu
-
-install_files() {{
-    umask 077
-    mkdir -p /etc/dynfarm /usr/local/sbin
-    cat > /etc/dynfarm/site-ca.pem <<'DYNFARM_EOF'
-{ca.strip()}
-DYNFARM_EOF
-    cat > /etc/dynfarm/client.conf <<'DYNFARM_EOF'
-{settings.strip()}
-DYNFARM_EOF
-    cat > /usr/local/sbin/dynfarm-client.sh.new <<'DYNFARM_EOF'
-{hook_text.rstrip()}
-DYNFARM_EOF
-    chmod 0755 /usr/local/sbin/dynfarm-client.sh.new
-    mv /usr/local/sbin/dynfarm-client.sh.new /usr/local/sbin/dynfarm-client.sh
-}}
-
-install_hook() {{
-    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        umask 022
-        cat > /etc/systemd/system/dynfarm-client.service <<'DYNFARM_EOF'
-[Unit]
-Description=dynfarm: join the site (VPN, customization)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=oneshot
-ExecStart=/usr/local/sbin/dynfarm-client.sh
-RemainAfterExit=yes
-
-[Install]
-WantedBy=multi-user.target
-DYNFARM_EOF
-        systemctl daemon-reload
-        systemctl enable dynfarm-client.service
-    elif [ -d /etc/cron.d ]; then
-        # cron's own PATH lacks the sbin directories where openvpn lives
-        printf 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\\n%s\\n' \\
-            '@reboot root /usr/local/sbin/dynfarm-client.sh' > /etc/cron.d/dynfarm
-        chmod 0644 /etc/cron.d/dynfarm
-    else
-        [ -f /etc/rc.local ] || printf '#!/bin/sh\\n' > /etc/rc.local
-        grep -q dynfarm-client.sh /etc/rc.local || printf '/usr/local/sbin/dynfarm-client.sh &\\n' >> /etc/rc.local
-        chmod 0755 /etc/rc.local
-    fi
-}}
-
-main() {{
-    install_files
-    install_hook
-    exec /usr/local/sbin/dynfarm-client.sh
-}}
-
-main "$@"
-"""
-
-
-def cloud_init(script):
-    encoded = base64.b64encode(script.encode()).decode()
-    return ("#cloud-config\n"
-            "write_files:\n"
-            "  - path: /run/dynfarm-bootstrap.sh\n"
-            "    permissions: '0700'\n"
-            "    encoding: b64\n"
-            f"    content: {encoded}\n"
-            "runcmd:\n"
-            "  - [sh, /run/dynfarm-bootstrap.sh]\n")
-
-
 def cmd_revoke(args, config):
-    store = open_store(config)
-    host = store.host(args.host)
-    with store.transaction():
-        # Gone since the read? (a new host's failed enrollment releases its row)
-        if host is None or not store.revoke(host["name"], host["pubkey_sha256"]):
-            raise UsageError(f"no host named {args.host} (see 'remote_control list')")
-    remove_ccd(config, host["provider"], host["name"])
-    PKI(config.state).write_crl(store)
-    kicked = management_command(config, host["provider"], f"kill {host['name']}")
-    print(f"revoked {host['name']}" + ("; its VPN session was ended" if kicked and
-                                       any(line.startswith("SUCCESS") for line in kicked) else ""))
+    print(revoke_host(config, args.host))
     return 0
 
 
 def cmd_links(args, config):
-    record = config.state.links_record
-    return {"up": links_up, "down": links_down, "status": links_status, "peer": links_peer}[args.action](
-        args, config, record)
-
-
-def links_up(args, config, record):
-    plan = links_plan(config, link_routes(config) if config.mode != "bridged" else {})
-    if args.dry_run:
-        for action in plan:
-            print("[#] " + " ".join(shlex.quote(a) for a in action["do"]))
-        return 0
-    recorded = read_record(record)
-    if recorded is not None:
-        if [a["do"] for a in recorded] == [a["do"] for a in plan]:
-            print("links already up; nothing changed")
-            return 0
-        print("configuration changed: taking the old links down first")
-        undo_steps(recorded)
-        remove_file(record)
-    os.makedirs(os.path.dirname(record), mode=0o700, exist_ok=True)
-    apply_plan(plan, record)
-    print(f"links up ({config.mode} mode): {len(plan)} actions, recorded in {record}; "
-          "'dynfarm.py links down' undoes exactly these")
-    return 0
-
-
-def read_record(record):
-    """What the last 'links up' did, if it still stands (the kernel forgets at reboot)."""
-    try:
-        recorded = json.loads(read_text(record))
-    except (OSError, ValueError):
-        return None
-    if recorded.get("boot") != boot_id():
-        remove_file(record)     # stale: made before a reboot
-        return None
-    return recorded["steps"]
-
-
-def links_down(args, config, record):
-    recorded = read_record(record)
-    if recorded is None:
-        print("links are not up; nothing to do")
-        return 0
-    failures = undo_steps(recorded)
-    remove_file(record)
-    for failure in failures:
-        sys.stderr.write(f"dynfarm: could not undo: {failure}\n")
-    print(f"links down: {len(recorded) - len(failures)} of {len(recorded)} actions undone")
-    return 1 if failures else 0
-
-
-def links_status(args, config, record):
-    up = read_record(record) is not None
-    print(f"mode {config.mode}; links {'up' if up else 'down'}")
-    if config.mode == "bridged":
-        for provider in config.providers.values():
-            tap = provider.interface
-            bridged = os.path.exists(f"/sys/class/net/{tap}/brport")
-            print(f"  {tap}: " + ("in bridge " + config.bridge if bridged else "not bridged")
-                  + f", pool {segment(config, provider).describe()}")
-        return 0
-    if config.mode == "routed":
-        subnets = ", ".join(str(p.vpn_subnet) for p in config.providers.values())
-        print(f"the site's routers must route {subnets} to this host, e.g.:")
-        for provider in config.providers.values():
-            print(f"  ip route add {provider.vpn_subnet} via ADDRESS-OF-THIS-HOST")
-        return 0
-    rows = []
-    for link in config.links.values():
-        present = os.path.exists(f"/sys/class/net/{link.device}")
-        answers = present and peer_answers(link)
-        rows.append({"link": link.name, "encap": link.encap, "address": str(link.address),
-                     "device": link.device, "state": "up" if present else "absent",
-                     "peer": "answers" if answers else "silent"})
-    if rows:
-        print(format_table(rows, ["link", "encap", "address", "device", "state", "peer"]))
-    else:
-        print("no [link:NAME] sections: VMs reach only the VPN server")
-    return 0 if all(r["peer"] == "answers" for r in rows) or not up else 1
-
-
-def links_peer(args, config, record):
-    if args.name not in config.links:
-        known = ", ".join(config.links) or "none"
-        raise UsageError(f"no link named '{args.name}' (configured: {known})")
-    link = config.links[args.name]
-    print(peer_script(config, link, link_routes(config)[link.name][0], down=args.down), end="")
-    return 0
+    if args.action == "up":
+        return links_up(config, args.dry_run)
+    if args.action == "down":
+        return links_down(config)
+    if args.action == "status":
+        return links_status(config)
+    return links_peer(config, args.name, args.down)
 
 
 def cmd_client(args, config):
@@ -3312,22 +3466,16 @@ def cmd_client(args, config):
     return client.main()
 
 
+def selection_of(args):
+    return Selection(set(args.provider or []), args.hosts, args.exclude)
+
+
+def reach_of(args):
+    return Reach(args.fanout, args.timeout, args.connect_timeout, args.reuse, args.all)
+
+
 def cmd_list(args, config):
-    rows = select_hosts(config, open_store(config), args)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    elif rows:
-        for row in rows:
-            row["last seen"] = ago(row["last_seen"])
-            row["version"] = row["client_version"] or "-"
-            row["cores"] = row["facts"].get("cores", "-")
-            memory = row["facts"].get("memory_mb")
-            row["memory"] = f"{memory // 1024} GiB" if isinstance(memory, int) else "-"
-        print(format_table(rows, ["name", "provider", "address", "state", "last seen", "version", "cores",
-                                  "memory"]))
-    else:
-        sys.stderr.write("no hosts enrolled match\n")
-    return 0
+    return list_hosts(config, selection_of(args), args.json)
 
 
 def cmd_run(args, config):
@@ -3335,15 +3483,18 @@ def cmd_run(args, config):
     if not command:
         raise UsageError("run: no command given (remote_control run -- CMD)")
     text = " ".join(command)
-    return remote_action(config, args, lambda row, opts: ["ssh"] + opts + [row["address"], text])
+    output = JsonOutput() if args.json else GatheredOutput() if args.gather else LinesOutput()
+    return remote_action(config, selection_of(args), reach_of(args),
+                         lambda row, opts: ["ssh"] + opts + [row["address"], text], output)
 
 
 def cmd_put(args, config):
     for source in args.sources:
         if not os.path.exists(source):
             raise UsageError(f"put: {source}: no such file or directory")
-    return remote_action(config, args, lambda row, opts: ["scp", "-q", "-r", "-p"] + opts + args.sources
-                         + [f"{row['address']}:{args.destination}"])
+    return remote_action(config, selection_of(args), reach_of(args),
+                         lambda row, opts: ["scp", "-q", "-r", "-p"] + opts + args.sources
+                         + [f"{row['address']}:{args.destination}"], LinesOutput())
 
 
 def cmd_get(args, config):
@@ -3357,62 +3508,7 @@ def cmd_get(args, config):
         except OSError as e:
             raise Fatal(f"get: cannot make {target}: {e.strerror}")
         return ["scp", "-q", "-r", "-p"] + opts + [f"{row['address']}:{args.source}", target + "/"]
-    return remote_action(config, args, argv)
-
-
-def remote_action(config, args, make_argv):
-    """Select, fan out, report: the part run, put and get share."""
-    store = open_store(config)
-    rows = [r for r in select_hosts(config, store, args) if r["state"] != "revoked"]
-    if not args.all:
-        rows = [r for r in rows if r["state"] == "connected"]
-    if not rows:
-        raise Fatal("no connected host selected (see 'remote_control list'; --all tries the others too)")
-    # A file per run: two runs at once must not rewrite each other's.
-    with tempfile.NamedTemporaryFile("w", dir=config.state.run, prefix="known_hosts.") as known:
-        known.write(known_hosts_lines(rows))
-        known.flush()
-        return fan_out(rows, make_argv, ssh_options(config, args, known.name), args)
-
-
-def fan_out(rows, make_argv, options, args):
-    jobs = [Job(r["name"], make_argv(r, options)) for r in rows]
-    gathered = getattr(args, "gather", False) or getattr(args, "json", False)
-    fan = FanOut(jobs, args.fanout, args.timeout,
-                 on_line=None if gathered else print_line,
-                 progress=sys.stderr.isatty() and not getattr(args, "json", False))
-    try:
-        fan.run()
-    except KeyboardInterrupt:
-        for job in jobs:
-            job.status = job.status or "interrupted"
-        sys.stderr.write(f"\ninterrupted: {summary_line(jobs)}\n")
-        return 130
-    report_jobs(jobs, args)
-    return 0 if all(job.status == "ok" for job in jobs) else 1
-
-
-def print_line(host, stream, text):
-    print(f"{host}: {text}", file=sys.stdout if stream == "out" else sys.stderr, flush=True)
-
-
-def report_jobs(jobs, args):
-    if getattr(args, "json", False):
-        print(json.dumps([{"host": j.host, "status": j.status, "exit_code": j.rc,
-                           "stdout": j.out.decode(errors="replace"), "stderr": j.err.decode(errors="replace"),
-                           "seconds": round(j.seconds, 3)} for j in jobs], indent=1))
-    elif getattr(args, "gather", False):
-        outputs = {j.host: j.out.decode(errors="replace") for j in jobs if j.status in ("ok", "failed")}
-        for hosts, output in gather_outputs(outputs):
-            print(f"---------------\n{hosts} ({len(expand_hosts(hosts))})\n---------------")
-            print(output, end="" if output.endswith("\n") or not output else "\n")
-    for job in jobs:
-        if job.status != "ok":
-            why = job.err.decode(errors="replace").strip().splitlines()
-            detail = {"failed": f"exit {job.rc}", "timeout": "command timed out, killed"}.get(job.status, job.status)
-            sys.stderr.write(f"{job.host}: {detail}" + (f" ({why[-1]})" if why and job.status != "failed" else "")
-                             + "\n")
-    sys.stderr.write(summary_line(jobs) + "\n")
+    return remote_action(config, selection_of(args), reach_of(args), argv, LinesOutput())
 
 
 def build_parser():

@@ -4,7 +4,6 @@ FanOut only starts argv lists, so `sh -c` stands in for ssh here; what is
 checked is the bounded parallelism, streaming, timeouts and the verdicts.
 """
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -46,6 +45,15 @@ def test_exit_codes_become_verdicts():
     assert dynfarm.summary_line(jobs) == "1 ok, 1 failed, 1 unreachable, 0 timed out, 1 host key refused"
 
 
+def test_a_host_that_did_not_succeed_gets_its_status_word_and_why():
+    jobs = jobs_for({"bad": "exit 3", "gone": "echo 'ssh: connect to host x: No route' >&2; exit 255",
+                     "key": "echo 'Host key verification failed.' >&2; exit 255", "slow": "sleep 5"})
+    dynfarm.FanOut(jobs, 8, 0.5).run()
+    assert [dynfarm.host_verdict(j) for j in jobs] == [
+        "bad: failed (exit 3)", "gone: unreachable (ssh: connect to host x: No route)",
+        "key: host key refused (Host key verification failed.)", "slow: timed out (killed)"]
+
+
 def test_a_job_past_its_timeout_is_killed_with_its_children():
     started = time.monotonic()
     jobs = jobs_for({"slow": "sleep 30 & sleep 30; echo never", "fast": "echo quick"})
@@ -76,14 +84,13 @@ def test_ssh_options_never_prompt_nor_trust_on_first_use(site, monkeypatch, requ
     short = tempfile.mkdtemp(prefix="dfcm")            # --reuse makes its socket dir here, not in /tmp
     request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
     monkeypatch.setattr(tempfile, "tempdir", short)
-    args = argparse.Namespace(connect_timeout=3.0, reuse=False)
-    options = dynfarm.ssh_options(config, args, "/tmp/kh")
+    options = dynfarm.ssh_options(config, dynfarm.Reach(connect_timeout=3.0), "/tmp/kh")
     pairs = {options[i + 1] for i, o in enumerate(options) if o == "-o"}
     for wanted in ("BatchMode=yes", "StrictHostKeyChecking=yes", "UserKnownHostsFile=/tmp/kh",
                    "GlobalKnownHostsFile=/dev/null", "ConnectTimeout=3"):
         assert wanted in pairs
     assert not any(p.startswith("ControlMaster") for p in pairs)
-    reuse = dynfarm.ssh_options(config, argparse.Namespace(connect_timeout=3.0, reuse=True), "/tmp/kh")
+    reuse = dynfarm.ssh_options(config, dynfarm.Reach(connect_timeout=3.0, reuse=True), "/tmp/kh")
     assert "ControlMaster=auto" in reuse and "ControlPersist=600" in reuse
     path = next(o for o in reuse if o.startswith("ControlPath="))
     assert len(path) - len("ControlPath=%C") + 40 + 20 < 108          # fits a unix socket name
