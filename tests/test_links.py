@@ -14,6 +14,7 @@ import subprocess
 import pytest
 
 from farm import SITE_CONF, running_farm, transfer
+from world import VM_PYTHON
 
 pytestmark = [pytest.mark.system,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, tun, iptables")]
@@ -120,6 +121,20 @@ def test_a_tun_device_made_after_links_up_forwards(linked):
         assert site.run("site", ["sysctl", "-n", "net.ipv4.conf.df-later.forwarding"]).stdout.strip() == "1"
     finally:
         site.run("site", ["ip", "link", "del", "df-later"])
+
+
+def test_a_forward_policy_of_drop_keeps_the_vms_traffic(linked):
+    """The README's advice for a VPN server with an outside: dynfarm's chain
+    accepts the VMs' traffic before the policy applies."""
+    farm, addresses, _ = linked
+    farm.world.run("site", ["iptables", "-w", "-P", "FORWARD", "DROP"])
+    try:
+        seen, sent, received = transfer(farm, "vm1", "master", MASTER, port=5032)
+        assert seen == addresses["vm1"] and sent == received
+        seen, sent, received = transfer(farm, "master", "vm1", addresses["vm1"], port=5033)
+        assert seen == MASTER and sent == received
+    finally:
+        farm.world.run("site", ["iptables", "-w", "-P", "FORWARD", "ACCEPT"])
 
 
 def test_master_reaches_the_vm(linked):
@@ -253,6 +268,41 @@ def test_routed_mode_keeps_providers_apart_and_the_outside_out(routed):
     assert transfer(farm, "vm3", "vm1", addresses["vm1"], port=5025) is None
     assert transfer(farm, "vm1", "vm3", addresses["vm3"], port=5026) is None
     assert transfer(farm, "vm1", "site", "10.8.0.1", port=5027) is None
+
+
+# One UDP datagram from the sender to ADDRESS:PORT in the receiver: one way is
+# enough to leak, and no answer could come back through the outside anyway.
+UDP_SINK = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.bind((sys.argv[1], int(sys.argv[2]))); s.settimeout(2); print('ready', flush=True)\n"
+            "try: print(s.recvfrom(64)[1][0])\nexcept socket.timeout: pass")
+
+
+def datagram_arrives(farm, sender, receiver, address, port):
+    world = farm.world
+    with subprocess.Popen(world.argv(receiver, [VM_PYTHON, "-c", UDP_SINK, address, str(port)]),
+                          stdout=subprocess.PIPE, text=True) as sink:
+        assert sink.stdout.readline().strip() == "ready"
+        world.run(sender, [VM_PYTHON, "-c", "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                           ".sendto(b'x', (sys.argv[1], int(sys.argv[2])))", address, str(port)])
+        return sink.stdout.read().strip() != ""
+
+
+def test_routed_mode_with_a_forward_policy_of_drop(routed):
+    """The README's advice: with FORWARD's policy DROP the VMs' traffic still
+    flows, and a LAN host no longer sends out through the VPN server's outside."""
+    farm, addresses, _ = routed
+    farm.world.run("storage", ["ip", "route", "add", "203.0.113.0/24", "via", "10.10.0.1"])
+    try:
+        assert datagram_arrives(farm, "storage", "nat", "203.0.113.2", 5035)     # the leak the policy closes
+        farm.world.run("site", ["iptables", "-w", "-P", "FORWARD", "DROP"])
+        try:
+            assert not datagram_arrives(farm, "storage", "nat", "203.0.113.2", 5036)
+            seen, sent, received = transfer(farm, "vm1", "master", MASTER, port=5034)
+            assert seen == addresses["vm1"] and sent == received
+        finally:
+            farm.world.run("site", ["iptables", "-w", "-P", "FORWARD", "ACCEPT"])
+    finally:
+        farm.world.run("storage", ["ip", "route", "del", "203.0.113.0/24", "via", "10.10.0.1"])
 
 
 def test_routed_links_down_restores_routing_and_firewall_exactly(routed):
