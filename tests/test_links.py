@@ -187,7 +187,7 @@ def bridged(tmp_path_factory):
     conf = SITE_CONF.replace("request_timeout = 5\n", "request_timeout = 5\nbridge = br-site\n") \
         .replace("mode = gre", "mode = bridged") \
         .replace("vpn_subnet = 10.8.0.0/24\n", "vpn_subnet = 10.8.0.0/24\nbridge_pool = 10.10.0.100-10.10.0.149\n") \
-        .replace("vpn_subnet = 10.9.0.0/24\n", "vpn_subnet = 10.9.0.0/24\nbridge_pool = 10.10.0.150-10.10.0.199\n")
+        .replace("vpn_subnet = 10.9.0.0/29\n", "vpn_subnet = 10.9.0.0/29\nbridge_pool = 10.10.0.150-10.10.0.199\n")
     if "mode = bridged" not in conf:
         conf = conf.replace("[site]\n", "[site]\nmode = bridged\n")
     with running_farm(str(tmp_path_factory.mktemp("bridged")), conf=conf) as farm:
@@ -222,7 +222,7 @@ def routed(tmp_path_factory):
         before = routing_state(farm)
         assert "links up (routed mode)" in farm.dynfarm("links", "up").stdout
         status = farm.dynfarm("links", "status").stdout
-        for subnet in ("10.8.0.0/24", "10.9.0.0/24"):
+        for subnet in ("10.8.0.0/24", "10.9.0.0/29"):
             assert f"ip route add {subnet} via ADDRESS-OF-THIS-HOST" in status
             for host in ("master", "storage"):
                 farm.world.run(host, ["ip", "route", "add", subnet, "via", "10.10.0.1"])

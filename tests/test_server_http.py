@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 import dynfarm
-from test_unit import db_snapshot, enroll_body
+from helpers import db_snapshot, enroll_body
 
 
 @pytest.fixture

@@ -13,9 +13,7 @@ import time
 import pytest
 
 import dynfarm
-from conftest import SITE_CONF, write_site
-
-VERSION = hashlib.sha256(dynfarm.read_own_source()).hexdigest()
+from helpers import SITE_CONF, VERSION, call, db_snapshot, enroll_body, tamper, write_site
 
 
 # --- config -----------------------------------------------------------------
@@ -217,23 +215,6 @@ def test_bridged_config_errors(tmp_path, capsys, change, message):
 
 # --- the enrollment app, in-process -------------------------------------------------
 
-def enroll_body(token, csr, **extra):
-    body = {"version": VERSION, "token": token, "machine_id": "0123abcd", "hostname": "vm1", "csr": csr,
-            "host_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl1"], "facts": {"cores": 2}}
-    body.update(extra)
-    return body
-
-
-def call(app, path, body, peer_ip="127.0.0.1", method="POST", peer=("", "")):
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return app.handle(dynfarm.Request(method, path, raw, peer_ip, *peer))
-
-
-def db_snapshot(store):
-    return ([dict(r) for r in store.db.execute("SELECT * FROM hosts ORDER BY name")],
-            [dict(r) for r in store.db.execute("SELECT * FROM tokens ORDER BY id")])
-
-
 @pytest.fixture
 def app(site):
     config, store, pki = site
@@ -431,14 +412,6 @@ def test_bad_requests_get_4xx_and_change_nothing(app, make_csr, mutate, status, 
     assert got == status and message in answer["error"], answer
     assert db_snapshot(app.store) == before
     assert os.listdir(app.config.state("ccd", "aruba")) == []
-
-
-def tamper(csr_pem):
-    """Flip one bit of the CSR's signature: still well-formed, no longer valid."""
-    der = bytearray(dynfarm.pem_to_der(csr_pem, "CERTIFICATE REQUEST"))
-    der[-3] ^= 1
-    body = base64.encodebytes(bytes(der)).decode()
-    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
 
 
 def test_unknown_paths_and_methods(app):
