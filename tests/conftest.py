@@ -17,6 +17,13 @@ def site(tmp_path):
 
 
 @pytest.fixture
+def app(site):
+    """The site's enrollment app, to call in-process (helpers.call)."""
+    config, store, pki = site
+    return dynfarm.App(config, store, pki)
+
+
+@pytest.fixture
 def make_csr(tmp_path):
     """Make a fresh machine key and its CSR; returns (key path, csr pem)."""
     counter = [0]
