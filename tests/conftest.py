@@ -1,10 +1,23 @@
-"""Fixtures: a real site (openssl CA, openvpn keys, sqlite) in a temp dir."""
+"""Fixtures: a real site (openssl CA, openvpn keys, sqlite) in a temp dir; and
+the one rule that skips the system tests for anyone but root."""
+
+import os
 
 import pytest
 
 from helpers import write_site
 
 import dynfarm  # noqa: E402  (helpers put the repository on sys.path)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Here rather than in each file, so that a new system test cannot forget it.
+    if os.geteuid() == 0:
+        return
+    needs_root = pytest.mark.skip(reason="needs root: network namespaces, tun, iptables")
+    for item in items:
+        if item.get_closest_marker("system"):
+            item.add_marker(needs_root)
 
 
 @pytest.fixture
