@@ -3087,12 +3087,6 @@ def ago(stamp, now=None):
     return f"{seconds}s ago"
 
 
-def known_hosts(store):
-    """known_hosts text for every host, from the keys the VMs sent at enrollment."""
-    return known_hosts_lines({"address": h["address"], "host_keys": json.loads(h["host_keys"])}
-                             for h in store.hosts())
-
-
 def known_hosts_lines(rows):
     """known_hosts text for rows with an address and a list of host keys."""
     return "".join(f"{row['address']} {key}\n" for row in rows for key in row["host_keys"])

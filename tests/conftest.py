@@ -1,57 +1,23 @@
-"""Shared fixtures: a real site (openssl CA, openvpn keys, sqlite) in a temp dir."""
+"""Fixtures: a real site (openssl CA, openvpn keys, sqlite) in a temp dir; and
+the one rule that skips the system tests for anyone but root."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from helpers import write_site
 
-import dynfarm  # noqa: E402
-
-SITE_CONF = """\
-[site]
-state_dir = state
-listen = 127.0.0.1:0
-public_address = 127.0.0.1
-ssh_keys = admin_key.pub
-request_timeout = 2
-
-[provider:aruba]
-vpn_port = 1194
-vpn_subnet = 10.8.0.0/24
-files = custom/aruba/files
-commands = custom/aruba/setup.sh
-
-[provider:other]
-vpn_port = 1195
-vpn_subnet = 10.9.0.0/29
-
-[link:master]
-address = 10.10.0.5
-encap = vxlan
-"""
+import dynfarm  # noqa: E402  (helpers put the repository on sys.path)
 
 
-def write_site(directory, conf=SITE_CONF):
-    """A site configuration with its customization tree and admin key."""
-    files = os.path.join(directory, "custom", "aruba", "files", "etc", "dynfarm-test")
-    os.makedirs(files, exist_ok=True)
-    with open(os.path.join(files, "greeting"), "w") as f:
-        f.write("hello from the site\n")
-    os.chmod(os.path.join(files, "greeting"), 0o640)
-    with open(os.path.join(directory, "custom", "aruba", "setup.sh"), "w") as f:
-        f.write("echo customized > /tmp/dynfarm-setup-ran\n")
-    key = os.path.join(directory, "admin_key")
-    if not os.path.exists(key):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
-    path = os.path.join(directory, "site.conf")
-    with open(path, "w") as f:
-        f.write(textwrap.dedent(conf))
-    return path
+def pytest_collection_modifyitems(config, items):
+    # Here rather than in each file, so that a new system test cannot forget it.
+    if os.geteuid() == 0:
+        return
+    needs_root = pytest.mark.skip(reason="needs root: network namespaces, tun, iptables")
+    for item in items:
+        if item.get_closest_marker("system"):
+            item.add_marker(needs_root)
 
 
 @pytest.fixture
@@ -61,6 +27,12 @@ def site(tmp_path):
     assert dynfarm.main(["-c", path, "init"]) == 0
     config = dynfarm.load_config(path)
     return config, dynfarm.open_store(config), dynfarm.PKI(config.state)
+
+
+@pytest.fixture
+def app(site):
+    """The site's enrollment app, to call in-process (helpers.call)."""
+    return dynfarm.App(site[0])
 
 
 @pytest.fixture

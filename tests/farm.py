@@ -15,35 +15,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import dynfarm  # noqa: E402
+from helpers import known_hosts, site_conf, write_site  # noqa: E402
 from world import VM_PYTHON, World  # noqa: E402
 
 DYNFARM = os.path.join(REPO, "dynfarm.py")
 VMS = ("vm1", "vm2", "vm3")
 
-SITE_CONF = """\
-[site]
-state_dir = state
-listen = 0.0.0.0:8443
-public_address = 203.0.113.1
-ssh_keys = admin_key.pub
-ssh_identity = admin_key
-request_timeout = 5
-
-[provider:aruba]
-vpn_port = 1194
-vpn_subnet = 10.8.0.0/24
-networks = 203.0.113.0/24
-files = custom/aruba/files
-commands = custom/aruba/setup.sh
-
-[provider:other]
-vpn_port = 1195
-vpn_subnet = 10.9.0.0/24
-
-[link:master]
-address = 10.10.0.5
-encap = vxlan
-"""
+# The world's site: VMs reach it from the provider's side of the NAT, at the
+# site's public address; namespaces and real daemons are slower than loopback.
+SITE_CONF = site_conf(listen="0.0.0.0:8443", public_address="203.0.113.1", request_timeout=5,
+                      networks="203.0.113.0/24")
 
 
 class Farm:
@@ -81,7 +62,7 @@ class Farm:
     def write_known_hosts(self):
         """The admin's known_hosts, from the host keys the VMs sent at enrollment."""
         with open(os.path.join(self.dir, "known_hosts"), "w") as f:
-            f.write(dynfarm.known_hosts(self.store()))
+            f.write(known_hosts(self.store()))
 
     def ssh(self, address, command, known_hosts=None, check=True):
         known_hosts = known_hosts or os.path.join(self.dir, "known_hosts")
@@ -118,22 +99,6 @@ def wait_for(check, what, timeout=20):
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for: {what}")
-
-
-
-def write_site(site_dir, conf=SITE_CONF):
-    """site.conf, the admin's ssh key and aruba's customization (a file, a script)."""
-    files = os.path.join(site_dir, "custom", "aruba", "files", "etc", "dynfarm-test")
-    os.makedirs(files)
-    with open(os.path.join(site_dir, "site.conf"), "w") as f:
-        f.write(conf)
-    with open(os.path.join(files, "greeting"), "w") as f:
-        f.write("hello from the site\n")
-    os.chmod(os.path.join(files, "greeting"), 0o640)
-    with open(os.path.join(site_dir, "custom", "aruba", "setup.sh"), "w") as f:
-        f.write("hostname > /etc/dynfarm-test/setup-ran\necho setup done\n")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@site",
-                    "-f", os.path.join(site_dir, "admin_key")], check=True)
 
 
 @contextlib.contextmanager

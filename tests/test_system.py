@@ -15,8 +15,7 @@ import pytest
 
 from farm import DYNFARM, VMS, read, running_farm, wait_for
 
-pytestmark = [pytest.mark.system,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, tun, iptables")]
+pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ import world as worldlib  # noqa: E402
 from world import (MASTER_IP, NAT_WAN_IP, SITE_LAN_IP, SITE_WAN_IP, STORAGE_IP,  # noqa: E402
                    VM_PYTHON, World, can_connect, list_netns, peer_address_seen, vm_ip)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="system test: needs root to build network namespaces")
+pytestmark = pytest.mark.system
 
 
 def namespaces_of(prefix):

@@ -1,0 +1,109 @@
+"""What the tests share that is not a fixture: the site they set up and the
+enrollment requests they make.
+
+One site configuration serves the loopback fixtures (conftest.py) and the
+namespace world (farm.py); only where the server listens, the address VMs
+are told, the request timeout and aruba's source networks differ.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import dynfarm  # noqa: E402
+
+VERSION = hashlib.sha256(dynfarm.read_own_source()).hexdigest()
+
+# provider other is a /29 so that running out of addresses takes five
+# enrollments; no test of the world puts more than one VM in it.
+SITE_TEMPLATE = """\
+[site]
+state_dir = state
+listen = {listen}
+public_address = {public_address}
+ssh_keys = admin_key.pub
+ssh_identity = admin_key
+request_timeout = {request_timeout}
+
+[provider:aruba]
+vpn_port = 1194
+vpn_subnet = 10.8.0.0/24
+{networks}files = custom/aruba/files
+commands = custom/aruba/setup.sh
+
+[provider:other]
+vpn_port = 1195
+vpn_subnet = 10.9.0.0/29
+
+[link:master]
+address = 10.10.0.5
+encap = vxlan
+"""
+
+
+def site_conf(listen, public_address, request_timeout, networks=None):
+    """site.conf's text; networks, if given, limits where aruba's VMs may enroll from."""
+    return SITE_TEMPLATE.format(listen=listen, public_address=public_address, request_timeout=request_timeout,
+                                networks=f"networks = {networks}\n" if networks else "")
+
+
+# The loopback site: peers are 127.0.0.1, so no networks; a short timeout
+# keeps the server tests of slow clients quick.
+SITE_CONF = site_conf(listen="127.0.0.1:0", public_address="127.0.0.1", request_timeout=2)
+
+
+def write_site(directory, conf=SITE_CONF):
+    """site.conf, the admin's ssh key and aruba's customization (a file, a
+    script); returns the path of site.conf."""
+    files = os.path.join(directory, "custom", "aruba", "files", "etc", "dynfarm-test")
+    os.makedirs(files, exist_ok=True)
+    with open(os.path.join(files, "greeting"), "w") as f:
+        f.write("hello from the site\n")
+    os.chmod(os.path.join(files, "greeting"), 0o640)
+    # Run only on the world's VMs: the loopback tests look at it, never run it.
+    with open(os.path.join(directory, "custom", "aruba", "setup.sh"), "w") as f:
+        f.write("hostname > /etc/dynfarm-test/setup-ran\necho setup done\n")
+    key = os.path.join(directory, "admin_key")
+    if not os.path.exists(key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@site", "-f", key], check=True)
+    path = os.path.join(directory, "site.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return path
+
+
+def enroll_body(token, csr, **extra):
+    body = {"version": VERSION, "token": token, "machine_id": "0123abcd", "hostname": "vm1", "csr": csr,
+            "host_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl1"], "facts": {"cores": 2}}
+    body.update(extra)
+    return body
+
+
+def call(app, path, body, peer_ip="127.0.0.1", method="POST", peer=("", "")):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return app(dynfarm.Request(method, path, raw, peer_ip, *peer))
+
+
+def db_snapshot(store):
+    return ([dict(r) for r in store.db.execute("SELECT * FROM hosts ORDER BY name")],
+            [dict(r) for r in store.db.execute("SELECT * FROM tokens ORDER BY id")])
+
+
+def tamper(csr_pem):
+    """Flip one bit of the CSR's signature: still well-formed, no longer valid."""
+    der = bytearray(dynfarm.pem_to_der(csr_pem, "CERTIFICATE REQUEST"))
+    der[-3] ^= 1
+    body = base64.encodebytes(bytes(der)).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
+def known_hosts(store):
+    """known_hosts text for every host, from the keys the VMs sent at enrollment."""
+    return dynfarm.known_hosts_lines({"address": h["address"], "host_keys": json.loads(h["host_keys"])}
+                                     for h in store.hosts())

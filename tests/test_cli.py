@@ -1,0 +1,101 @@
+"""The admin's commands through main(): bootstrap, remote_control, usage errors.
+
+The bootstrap script (valid POSIX sh, a fresh token, the same script inside
+cloud-init), remote_control's list and known_hosts and its symlinked name,
+and command lines that must be refused as usage errors (exit 2).
+"""
+
+import base64
+import json
+import os
+import subprocess
+
+import pytest
+
+import dynfarm
+from helpers import VERSION, call, enroll_body, known_hosts, write_site
+
+
+# --- bootstrap --------------------------------------------------------------------
+
+def test_bootstrap_is_valid_posix_sh_with_a_fresh_token(site, capsys):
+    config, store, _ = site
+    assert dynfarm.main(["-c", config.path, "bootstrap", "aruba", "--uses", "5"]) == 0
+    script = capsys.readouterr().out
+    for shell in (["dash", "-n"], ["busybox", "sh", "-n"]):
+        done = subprocess.run(shell, input=script, capture_output=True, text=True)
+        assert done.returncode == 0, (shell, done.stderr)
+    token = next(line.split("=", 1)[1] for line in script.splitlines() if line.startswith("DYNFARM_TOKEN="))
+    assert dynfarm.check_token(store, token)["uses_left"] == 5
+    assert "BEGIN CERTIFICATE" in script and script.rstrip().endswith('main "$@"')
+    assert "DYNFARM_SERVER=https://127.0.0.1:0" in script
+
+
+def test_bootstrap_cloud_init_carries_the_same_script(site, capsys):
+    config, _, _ = site
+    assert dynfarm.main(["-c", config.path, "bootstrap", "aruba", "--cloud-init"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("#cloud-config\n")
+    encoded = next(line.split(":", 1)[1].strip() for line in text.splitlines() if "content:" in line)
+    assert base64.b64decode(encoded).decode().startswith("#!/bin/sh")
+
+
+# --- remote_control ---------------------------------------------------------------
+
+def test_list_and_known_hosts(app, make_csr, capsys):
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    for _ in range(2):
+        call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert dynfarm.main(["-c", app.config.path, "remote_control", "-p", "aruba", "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "PROVIDER", "ADDRESS", "STATE", "LAST", "SEEN", "VERSION", "CORES", "MEMORY"]
+    assert table[1].split()[:7] == ["aruba-0001", "aruba", "10.8.0.2", "vpn-down", "0s", "ago", VERSION[:12]]
+    assert table[1].split()[7] == "2"
+    assert dynfarm.main(["-c", app.config.path, "remote_control", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["aruba-0001", "aruba-0002"]
+    assert known_hosts(app.store).splitlines()[0] == "10.8.0.2 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGl1"
+
+
+def test_remote_control_symlink_dispatch(site, tmp_path):
+    config, _, _ = site
+    link = tmp_path / "remote_control"
+    link.symlink_to(os.path.join(os.path.dirname(dynfarm.__file__), "dynfarm.py"))
+    done = subprocess.run([str(link), "-c", config.path, "list"], capture_output=True, text=True)
+    assert done.returncode == 0 and "no hosts enrolled" in done.stderr
+
+
+# --- usage errors -----------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["remote_control", "-f", "0", "list"], "at least 1"),
+    (["token", "aruba", "--uses", "0"], "at least 1"),
+    (["token", "aruba", "--ttl", "999999999999d"], "bad duration"),
+    (["client", "--server", "https://192.0.2.1:8443", "--ca", "ca.pem", "--wait", "-1"], "0 or more"),
+    (["client", "--server", "https://192.0.2.1:8443", "--ca", "ca.pem", "--wait", "nan"], "0 or more"),
+])
+def test_bad_numbers_are_usage_errors(site, capsys, argv, message):
+    config, _, _ = site
+    try:
+        code = dynfarm.main(["-c", config.path] + argv)
+    except SystemExit as e:        # argparse's own refusals
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_get_into_a_file_is_a_usage_error(site, capsys, tmp_path):
+    config, _, _ = site
+    target = tmp_path / "afile"
+    target.write_text("")
+    assert dynfarm.main(["-c", config.path, "remote_control", "--all", "get", "/etc/hostname", str(target)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_verbose_echoes_every_external_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(dynfarm, "ECHO_COMMANDS", False)       # restored after: main() sets it
+    path = write_site(str(tmp_path))
+    assert dynfarm.main(["-c", path, "-v", "init"]) == 0
+    err = capsys.readouterr().err
+    assert "[#] openssl genpkey -algorithm EC" in err and "[#] openvpn --genkey secret" in err
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    assert "[#]" not in capsys.readouterr().err

@@ -1,0 +1,156 @@
+"""Site links as data: the plan `links up` would run, and running it.
+
+The commands of a plan (gre, vxlan, routed and bridged's forwarding, vm_to_vm),
+that every step that adds has its undo, apply_plan rolling back on failure and
+restoring the switches it changed, the record of a plan from another boot,
+and the peer script for the linked host. Nothing here touches the network:
+test_links.py runs the plans for real.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import dynfarm
+
+
+# --- the plan ---------------------------------------------------------------------
+
+def gre_config(site):
+    config, _, _ = site
+    config.links["master"].encap = "gre"
+    return config
+
+
+def test_gre_link_plan_commands(site):
+    config = gre_config(site)
+    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
+    do = [" ".join(action["do"]) for action in plan]
+    assert do[:8] == [
+        "sysctl -qw net/ipv4/conf/default/forwarding=1",
+        "sysctl -qw -e net/ipv4/conf/df-aruba/forwarding=1",
+        "sysctl -qw -e net/ipv4/conf/df-other/forwarding=1",
+        "ip link add dl-master type gre local 10.10.0.1 remote 10.10.0.5 ttl 64",
+        "ip addr add 169.254.64.1/30 dev dl-master",
+        "sysctl -qw net.ipv4.conf.dl-master.rp_filter=2",
+        "ip link set dl-master up",
+        "ip route add 10.10.0.5/32 via 169.254.64.2 dev dl-master table 4200",
+    ]
+    assert "ip route add unreachable default table 4200" in do
+    assert "ip rule add iif df-aruba to 10.8.0.0/24 lookup main pref 4199" in do
+    assert "ip rule add iif df-aruba lookup 4200 pref 4200" in do
+    assert "ip rule add iif df-other lookup 4200 pref 4200" in do
+    assert "iptables -w -t filter -A DYNFARM-FWD -i df-+ -o dl-master -d 10.10.0.5 -j ACCEPT" in do
+    assert "iptables -w -t filter -A DYNFARM-FWD -i df-+ -j DROP" in do
+    assert do.index("iptables -w -t filter -I FORWARD 1 -j DYNFARM-FWD") > do.index(
+        "iptables -w -t filter -A DYNFARM-FWD -i df-+ -j DROP")     # the wall is whole before it is used
+    assert any("TCPMSS --clamp-mss-to-pmtu" in line for line in do)
+
+
+def test_vxlan_link_uses_its_own_id_and_port(site):
+    config, _, _ = site
+    plan = [a for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}) if a["do"][0] == "ip"]
+    assert plan[0]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
+                             "10.10.0.1", "remote", "10.10.0.5", "dstport", "4789"]
+
+
+def test_every_step_that_adds_has_its_undo(site):
+    config = gre_config(site)
+    for action in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}):
+        verb = action["do"][2] if action["do"][0] == "ip" else action["do"][-1]
+        if action["do"][:3] in (["ip", "addr", "add"], ["ip", "link", "set"]) or "rp_filter" in verb:
+            continue                          # gone with the link device
+        assert action["undo"], action["do"]
+
+
+def test_vm_to_vm_no_drops_the_same_provider_rule(site):
+    config, _, _ = site
+    config.providers["aruba"].vm_to_vm = False
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
+    assert not any("iif df-aruba to 10.8.0.0/24" in line for line in do)
+    assert not any("-i df-aruba -o df-aruba" in line for line in do)
+    assert any("-i df-other -o df-other" in line for line in do)
+
+
+def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
+    config, _, _ = site
+    config.mode = "routed"
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
+    assert not any(line.startswith(("ip link", "ip rule", "ip route")) for line in do)
+    assert [line for line in do if line.startswith("sysctl")] == [
+        "sysctl -qw net/ipv4/conf/default/forwarding=1", "sysctl -qw -e net/ipv4/conf/df-aruba/forwarding=1",
+        "sysctl -qw -e net/ipv4/conf/df-other/forwarding=1", "sysctl -qw net/ipv4/conf/br-site/forwarding=1"]
+    rules = [line.split("-A DYNFARM-FWD ")[1] for line in do if "-A DYNFARM-FWD" in line]
+    assert rules == ["-i df-+ -o br-site -d 10.10.0.5 -j ACCEPT", "-i br-site -s 10.10.0.5 -o df-+ -j ACCEPT",
+                     "-i br-site -o df-+ -p icmp -m conntrack --ctstate RELATED -j ACCEPT",
+                     "-i df-aruba -o df-aruba -j ACCEPT", "-i df-other -o df-other -j ACCEPT",
+                     "-i df-+ -j DROP", "-o df-+ -j DROP"]
+
+
+# --- applying it and undoing it ---------------------------------------------------
+
+def test_apply_plan_rolls_back_on_failure(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(argv, check=True, **kw):
+        ran.append(argv)
+        if argv == ["boom"]:
+            raise dynfarm.Fatal("boom failed")
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+    monkeypatch.setattr(dynfarm, "run", fake_run)
+    plan = [dynfarm.step(["a"], ["undo-a"]), dynfarm.step(["b"], ["undo-b"]), dynfarm.step(["boom"], ["x"])]
+    record = str(tmp_path / "links.json")
+    with pytest.raises(dynfarm.Fatal):
+        dynfarm.apply_plan(plan, record)
+    assert ran == [["a"], ["b"], ["boom"], ["undo-b"], ["undo-a"]]
+    assert not os.path.exists(record)
+
+
+def test_sysctl_undo_restores_the_previous_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(dynfarm, "run", lambda argv, check=True, **kw: subprocess.CompletedProcess(argv, 0))
+    proc = tmp_path / "forwarding"
+    proc.write_text("0\n")
+    action = dynfarm.sysctl_step("net/ipv4/conf/eth0.100/forwarding", 1)
+    assert action["previous"] == "/proc/sys/net/ipv4/conf/eth0.100/forwarding"   # a dot in a name stays
+    action["previous"] = str(proc)
+    done = dynfarm.apply_plan([action], str(tmp_path / "rec.json"))
+    assert done[0]["undo"] == ["sysctl", "-qw", "net/ipv4/conf/eth0.100/forwarding=0"]
+
+
+def test_a_tun_device_gets_back_its_own_forwarding_switch(site, tmp_path, monkeypatch):
+    """On a host that forwarded already, links down must leave its tun devices forwarding."""
+    config, _, _ = site
+    monkeypatch.setattr(dynfarm, "run", lambda argv, check=True, **kw: subprocess.CompletedProcess(argv, 0))
+    (tmp_path / "on").write_text("1\n")
+    steps = [a for a in dynfarm.forwarding_steps(config, {}) if "-e" in a["do"]]
+    steps[0]["previous"] = str(tmp_path / "on")                       # df-aruba: there, forwarding
+    steps[1]["previous"] = str(tmp_path / "absent")                   # df-other: not made yet
+    done = dynfarm.apply_plan(steps, str(tmp_path / "rec.json"))
+    assert [d["undo"][-1] for d in done] == ["net/ipv4/conf/df-aruba/forwarding=1",
+                                             "net/ipv4/conf/df-other/forwarding=0"]
+
+
+def test_a_links_record_from_another_boot_is_stale(tmp_path, monkeypatch):
+    record = tmp_path / "links.json"
+    record.write_text(json.dumps({"boot": "an-earlier-boot", "steps": [{"do": ["x"], "undo": ["y"]}]}))
+    assert dynfarm.read_record(str(record)) is None and not record.exists()
+    record.write_text(json.dumps({"boot": dynfarm.boot_id(), "steps": [{"do": ["x"], "undo": ["y"]}]}))
+    assert dynfarm.read_record(str(record)) == [{"do": ["x"], "undo": ["y"]}]
+
+
+# --- the peer's end ---------------------------------------------------------------
+
+def test_peer_script_is_posix_and_idempotent_in_form(site):
+    config = gre_config(site)
+    script = dynfarm.peer_script(config, config.links["master"], "10.10.0.1")
+    for shell in (["dash", "-n"], ["busybox", "sh", "-n"]):
+        assert subprocess.run(shell, input=script, text=True).returncode == 0
+    assert "ip link show dl-dynfarm >/dev/null 2>&1 || ip link add dl-dynfarm type gre local 10.10.0.5 " \
+           "remote 10.10.0.1 ttl 64" in script
+    assert "ip route replace 10.8.0.0/24 via 169.254.64.1 dev dl-dynfarm src 10.10.0.5" in script
+    assert "ip route replace 10.9.0.0/29 via 169.254.64.1 dev dl-dynfarm src 10.10.0.5" in script
+    assert script.rstrip().endswith('main "$@"')
+    down = dynfarm.peer_script(config, config.links["master"], "10.10.0.1", down=True)
+    assert "ip link del dl-dynfarm" in down and "ip link add" not in down

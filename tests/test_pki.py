@@ -1,0 +1,69 @@
+"""The site's PKI through its one seam, the openssl command, and the DER reading.
+
+What the signing command is given and what is refused when openssl fails or
+signs a key other than the request's; a certificate carries the key of its
+request, and the DER parser turns junk away.
+"""
+
+import subprocess
+
+import pytest
+
+import dynfarm
+from helpers import call, enroll_body
+
+
+# --- signing through openssl ------------------------------------------------------
+
+def test_signing_command_checks_the_request_and_forces_the_name(site, make_csr, monkeypatch):
+    _, _, pki = site
+    _, csr = make_csr()
+    seen = []
+    real_run = dynfarm.run
+
+    def spy(argv, **kw):
+        seen.append((argv, kw.get("input")))
+        return real_run(argv, **kw)
+    monkeypatch.setattr(dynfarm, "run", spy)
+    serial = dynfarm.new_serial()
+    pki.sign_client(csr, "aruba-0042", serial)
+    argv, given = seen[0]
+    assert argv[:8] == ["openssl", "req", "-config", pki.state.pki_file("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509"]
+    assert argv[argv.index("-subj") + 1] == "/CN=aruba-0042"
+    assert argv[argv.index("-set_serial") + 1] == "0x" + serial
+    assert argv[argv.index("-CAkey") + 1] == pki.state.ca_key
+    assert "extendedKeyUsage=clientAuth" in argv and given == csr.encode()
+
+
+def test_a_certificate_for_another_key_is_refused(site, make_csr, monkeypatch):
+    """Were openssl to sign a key of its own, the certificate must not go out."""
+    _, _, pki = site
+    _, csr = make_csr()
+    _, other_csr = make_csr()
+    real_run = dynfarm.run
+    monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: real_run(argv, **dict(kw, input=other_csr.encode())))
+    with pytest.raises(dynfarm.Fatal, match="signed a key other than the request's"):
+        pki.sign_client(csr, "aruba-0042", dynfarm.new_serial())
+
+
+def test_openssl_failure_is_not_blamed_on_the_request(site, make_csr, monkeypatch):
+    _, _, pki = site
+    monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: subprocess.CompletedProcess(
+        argv, 1, b"", b"req: Unknown option: -CA\n"))
+    with pytest.raises(dynfarm.Fatal, match="needs OpenSSL 3.0 or newer.*Unknown option: -CA"):
+        pki.sign_client(make_csr()[1], "aruba-0001", dynfarm.new_serial())
+
+
+# --- DER --------------------------------------------------------------------------
+
+def test_csr_and_certificate_carry_the_same_key(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    _, csr = make_csr()
+    cert = call(app, "/v1/enroll", enroll_body(token, csr))[1]["certificate"]
+    assert dynfarm.cert_public_key(dynfarm.pem_to_der(cert, "CERTIFICATE")) == dynfarm.csr_public_key(csr)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x30", b"\x30\x85\x01\x02\x03\x04\x05", b"\x30\x03\x02\x01"])
+def test_der_parser_rejects_junk(junk):
+    with pytest.raises(ValueError):
+        dynfarm.public_key_of(junk, 2)
