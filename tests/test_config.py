@@ -45,11 +45,11 @@ def test_config_errors_are_one_line_exit_2(tmp_path, capsys, change, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    ("mode = gre\nbridge = \n", "needs [site] bridge"),
-    ("mode = gre\nbridge = br0\n", "needs bridge_pool in [provider:aruba]"),
+    ("mode = bridged\nbridge = \n", "needs [site] bridge"),
+    ("mode = bridged\nbridge = br0\n", "needs bridge_pool in [provider:aruba]"),
 ])
 def test_bridged_config_errors(tmp_path, capsys, change, message):
-    conf = SITE_CONF.replace("request_timeout = 2\n", "request_timeout = 2\n" + change.replace("gre", "bridged"))
+    conf = SITE_CONF.replace("request_timeout = 2\n", "request_timeout = 2\n" + change)
     code, lines = config_error(tmp_path, conf, capsys)
     assert code == 2 and message in lines[0], lines
 

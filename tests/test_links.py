@@ -197,12 +197,9 @@ def test_peer_down_script_removes_the_peer_end(linked):
 
 @pytest.fixture(scope="module")
 def bridged(tmp_path_factory):
-    conf = SITE_CONF.replace("request_timeout = 5\n", "request_timeout = 5\nbridge = br-site\n") \
-        .replace("mode = gre", "mode = bridged") \
+    conf = SITE_CONF.replace("[site]\n", "[site]\nmode = bridged\nbridge = br-site\n") \
         .replace("vpn_subnet = 10.8.0.0/24\n", "vpn_subnet = 10.8.0.0/24\nbridge_pool = 10.10.0.100-10.10.0.149\n") \
         .replace("vpn_subnet = 10.9.0.0/29\n", "vpn_subnet = 10.9.0.0/29\nbridge_pool = 10.10.0.150-10.10.0.199\n")
-    if "mode = bridged" not in conf:
-        conf = conf.replace("[site]\n", "[site]\nmode = bridged\n")
     with running_farm(str(tmp_path_factory.mktemp("bridged")), conf=conf) as farm:
         yield farm
 
