@@ -27,7 +27,8 @@ The enrollment API (a client can be written from this):
     200 {"status": "update", "sha256": H, "url": "/v1/client"}
         the client must fetch /v1/client, check H, replace itself and rerun.
     200 {"status": "enrolled", "name", "provider", "address", "netmask",
-         "vpn_server", "probe_port", "certificate", "openvpn_config",
+         "vpn_server", "probe_port", "links": {NAME: site address of each [link:]},
+         "certificate", "openvpn_config",
          "customization": {"ssh_keys": [...], "files": [...], "commands": [...]}}
     4xx {"error": "one clear line"}; nothing is stored.
   GET  /v1/client   the server's dynfarm.py; header X-Dynfarm-Sha256.
@@ -95,8 +96,10 @@ HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 # === Errors ===
 #
-# One class per meaning. main() turns the first two into one line on stderr
-# and their exit code; the enrollment service turns the rest into answers.
+# One class per meaning. main() turns a Fatal (Overtaken, UsageError) into
+# one line on stderr and its exit code; the enrollment service turns
+# RequestError and CSRRejected into answers; the client retries on
+# ServerUnreachable.
 
 class Fatal(Exception):
     """An expected failure: one line for the user (what failed, what to do
@@ -142,12 +145,12 @@ def log(message):
     sys.stderr.flush()
 
 
-def run(argv, input=None, check=True, timeout=120):
+def run(argv, input=None, check=True, timeout=120, env=None):
     """Run argv (never through a shell); raise Fatal with its stderr on failure."""
     if ECHO_COMMANDS:
         log("[#] " + " ".join(shlex.quote(a) for a in argv))
     try:
-        done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
+        done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, env=env)
     except FileNotFoundError:
         raise Fatal(f"{argv[0]}: command not found; install it and try again")
     except subprocess.TimeoutExpired:
@@ -210,6 +213,9 @@ PROVIDER_KEYS = {
     "bridge_pool": "",
 }
 LINK_KEYS = {"address": None, "encap": "gre"}
+# How retire asks the batch system to let a node go: shell commands run on
+# this host with the node in their environment (retire_environment).
+BATCH_KEYS = {"drain": None, "idle": None, "remove": None}
 MODES = ("gre", "routed", "bridged")
 ENCAPS = ("gre", "vxlan")
 
@@ -267,18 +273,24 @@ class StateDir:
         self.root = root
         self.database = os.path.join(root, "dynfarm.db")
         self.pki = os.path.join(root, "pki")
-        self.ca_cert = self.pki_file("ca.crt")
-        self.ca_key = self.pki_file("ca.key")
-        self.server_cert = self.pki_file("server.crt")
-        self.server_key = self.pki_file("server.key")
-        self.crl = self.pki_file("crl.pem")
+        in_pki = functools.partial(os.path.join, self.pki)
+        self.ca_cert = in_pki("ca.crt")
+        self.ca_key = in_pki("ca.key")
+        self.server_cert = in_pki("server.crt")
+        self.server_key = in_pki("server.key")
+        self.crl = in_pki("crl.pem")
+        self.req_config = in_pki("req.cnf")       # openssl's working files
+        self.ca_config = in_pki("ca.cnf")
+        self.crl_index = in_pki("index.txt")
+        self.crl_lock = in_pki("crl.lock")
         self.openvpn = os.path.join(root, "openvpn")
         self.ccd = os.path.join(root, "ccd")
         self.run = os.path.join(root, "run")
         self.links_record = os.path.join(self.run, "links.json")
 
-    def pki_file(self, name):
-        return os.path.join(self.pki, name)
+    def relative(self, path):
+        """How messages name a path of the state: pki/ca.crt."""
+        return os.path.relpath(path, self.root)
 
     def vpn_config(self, provider_name):
         return os.path.join(self.openvpn, provider_name + ".conf")
@@ -313,6 +325,7 @@ class Config:
     request_timeout: float
     providers: dict
     links: dict
+    batch: dict      # [batch] drain, idle, remove; empty without the section
 
     def provider(self, name):
         if name not in self.providers:
@@ -340,7 +353,7 @@ def load_config(path):
     providers, links = {}, {}
     for section in parser.sections():
         kind, _, name = section.partition(":")
-        if section == "site":
+        if section in ("site", "batch"):
             continue
         if kind == "provider" and PROVIDER_RE.match(name):
             providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path)
@@ -350,7 +363,8 @@ def load_config(path):
             raise UsageError(f"{path}: [{section}]: bad name '{name}' (provider: lowercase letters and digits, "
                               f"at most 12, no dash; link: lowercase, digits and dashes, at most 12)")
         else:
-            raise UsageError(f"{path}: unknown section [{section}] (expected [site], [provider:NAME], [link:NAME])")
+            raise UsageError(f"{path}: unknown section [{section}] "
+                             "(expected [site], [provider:NAME], [link:NAME], [batch])")
     if not providers:
         raise UsageError(f"{path}: no [provider:NAME] section; add one per cloud provider")
     check_no_overlap(providers, path)
@@ -372,6 +386,7 @@ def load_config(path):
         request_timeout=parse_number(site["request_timeout"], "[site] request_timeout", path),
         providers=providers,
         links=links,
+        batch=section_values(parser, "batch", BATCH_KEYS, path) if parser.has_section("batch") else {},
     )
 
 
@@ -501,6 +516,14 @@ def parse_duration(text):
     return seconds
 
 
+def format_duration(seconds):
+    """The shortest form parse_duration reads back: 3600 -> '1h'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def positive_int(text):
     """argparse type: an integer of at least 1."""
     try:
@@ -552,6 +575,28 @@ CREATE TABLE IF NOT EXISTS tokens (
     uses_left INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+-- Every certificate handed out, by the key it certifies: a retired host's
+-- name goes to another machine, so all of its certificates go on the CRL.
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    pubkey_sha256 TEXT NOT NULL,
+    name TEXT NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_by_key ON certificates (pubkey_sha256);
+-- Hosts retired: their name and address are free again, their key refused.
+CREATE TABLE IF NOT EXISTS retired (
+    pubkey_sha256 TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    address TEXT NOT NULL,
+    serial TEXT,
+    machine_id TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    enrolled_at REAL,
+    last_seen REAL,
+    retired_at REAL NOT NULL
+);
 """
 
 
@@ -581,6 +626,7 @@ class Store:
         return conn
 
     def create(self):
+        """Make the database, or add the tables a newer version has; True if it is new."""
         created = not os.path.exists(self.path)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.executescript(SCHEMA)
@@ -589,11 +635,6 @@ class Store:
 
     def transaction(self):
         return Transaction(self.db, self.write_lock)
-
-    def one_statement(self):
-        """The write lock alone, for a single write: sqlite makes that one
-        statement a transaction of its own, which saves a BEGIN and a COMMIT."""
-        return self.write_lock
 
     def close(self):
         """Close this thread's connection (the last one out checkpoints the WAL)."""
@@ -633,8 +674,12 @@ class Store:
         return self.db.execute("SELECT 1 FROM hosts WHERE address = ?", (address,)).fetchone() is not None
 
     def next_seq(self, provider):
-        row = self.db.execute("SELECT MAX(seq) FROM hosts WHERE provider = ?", (provider,)).fetchone()
-        return (row[0] or 0) + 1
+        """The lowest number no host of the provider has: a retired host's name is free again."""
+        row = self.db.execute(
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM hosts WHERE provider = ?1 AND seq = 1) THEN 1 "
+            "ELSE (SELECT MIN(seq) + 1 FROM hosts AS h WHERE provider = ?1 AND NOT EXISTS "
+            "(SELECT 1 FROM hosts WHERE provider = ?1 AND seq = h.seq + 1)) END", (provider,)).fetchone()
+        return row[0]
 
     def add_host(self, name, provider, seq, address, pubkey_sha256, enrollment):
         """A new host, its enrollment (see enrollment_record) recorded at once."""
@@ -672,8 +717,47 @@ class Store:
         return self.db.execute("UPDATE hosts SET revoked_at = ? WHERE name = ? AND pubkey_sha256 = ?",
                                (time.time(), name, pubkey_sha256)).rowcount == 1
 
-    def revoked(self):
-        return self.db.execute("SELECT * FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL").fetchall()
+    def record_certificate(self, serial, pubkey_sha256, name):
+        self.db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?)", (serial, pubkey_sha256, name, time.time()))
+
+    def revoked_certificates(self):
+        """{serial: (name, when)} of every certificate of a revoked or retired
+        host (a host's last serial too: certificates began after some were issued)."""
+        rows = self.db.execute(
+            "SELECT c.serial, h.name, h.revoked_at FROM certificates AS c "
+            "JOIN hosts AS h ON h.pubkey_sha256 = c.pubkey_sha256 WHERE h.revoked_at IS NOT NULL "
+            "UNION ALL SELECT serial, name, revoked_at FROM hosts WHERE revoked_at IS NOT NULL AND serial IS NOT NULL "
+            "UNION ALL SELECT c.serial, r.name, r.retired_at FROM certificates AS c "
+            "JOIN retired AS r ON r.pubkey_sha256 = c.pubkey_sha256 "
+            "UNION ALL SELECT serial, name, retired_at FROM retired WHERE serial IS NOT NULL").fetchall()
+        return {serial: (name, when) for serial, name, when in rows}
+
+    def retire(self, name, pubkey_sha256):
+        """Move a host to the retired: its name and address are free again. False if it is gone."""
+        moved = self.db.execute(
+            "INSERT INTO retired SELECT pubkey_sha256, name, provider, address, serial, machine_id, hostname, "
+            "enrolled_at, last_seen, ? FROM hosts WHERE name = ? AND pubkey_sha256 = ?",
+            (time.time(), name, pubkey_sha256)).rowcount == 1
+        if moved:
+            self.db.execute("DELETE FROM hosts WHERE name = ? AND pubkey_sha256 = ?", (name, pubkey_sha256))
+        return moved
+
+    def retired(self, providers=None):
+        rows = self.db.execute("SELECT * FROM retired ORDER BY provider, retired_at").fetchall()
+        return [r for r in rows if not providers or r["provider"] in providers]
+
+    def retired_after(self, rowid):
+        """(rowid, provider, address) of the hosts retired after that row, oldest first."""
+        return self.db.execute("SELECT rowid, provider, address FROM retired WHERE rowid > ? ORDER BY rowid",
+                               (rowid,)).fetchall()
+
+    def retired_key(self, pubkey_sha256):
+        return self.db.execute("SELECT * FROM retired WHERE pubkey_sha256 = ?", (pubkey_sha256,)).fetchone()
+
+    def retired_name(self, name):
+        """The last host retired under this name, if any."""
+        return self.db.execute("SELECT * FROM retired WHERE name = ? ORDER BY retired_at DESC LIMIT 1",
+                               (name,)).fetchone()
 
 
 # The columns an enrollment sets, in the order Store's statements take them.
@@ -718,7 +802,9 @@ def open_store(config):
     path = config.state.database
     if not os.path.exists(path):
         raise UsageError(f"{path}: no site database; run 'dynfarm.py -c {config.path} init' first")
-    return Store(path)
+    store = Store(path)
+    store.create()      # a site made by an older version lacks the newer tables
+    return store
 
 
 # === Tokens ===
@@ -890,28 +976,29 @@ class PKI:
         """Create what is missing; return the names of what was added."""
         added = []
         os.makedirs(self.state.pki, mode=0o700, exist_ok=True)
-        if not os.path.exists(self.state.pki_file("req.cnf")):
+        if not os.path.exists(self.state.req_config):
             # Our own minimal openssl config: the distribution's would add its
             # own extensions (v3_ca) to what we sign.
-            write_file(self.state.pki_file("req.cnf"), "[req]\ndistinguished_name = dn\n[dn]\n", 0o600)
+            write_file(self.state.req_config, "[req]\ndistinguished_name = dn\n[dn]\n", 0o600)
         if not os.path.exists(self.state.ca_cert):
             make_key(self.state.ca_key)
-            run(["openssl", "req", "-config", self.state.pki_file("req.cnf"), "-x509", "-new", "-key", self.state.ca_key,
+            run(["openssl", "req", "-config", self.state.req_config, "-x509", "-new", "-key", self.state.ca_key,
                  "-subj", "/CN=dynfarm site CA", "-days", str(CA_DAYS), "-sha256", "-out", self.state.ca_cert,
                  "-addext", "basicConstraints=critical,CA:TRUE",
                  "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-            added.append("site CA (pki/ca.crt)")
+            added.append(f"site CA ({self.state.relative(self.state.ca_cert)})")
         if not os.path.exists(self.state.server_cert):
             self.make_server_cert(public_address)
-            added.append(f"server certificate for {public_address} (pki/server.crt)")
+            added.append(f"server certificate for {public_address} ({self.state.relative(self.state.server_cert)})")
         elif cert_expires(read_text(self.state.server_cert)) < time.time() + RENEW_BEFORE:
             # Clients pin the CA, not this certificate: a new one is seamless,
             # an expired one stops every VM's VPN and enrollment.
             self.make_server_cert(public_address)
-            added.append(f"renewed server certificate for {public_address}, close to expiry (pki/server.crt)")
+            added.append(f"renewed server certificate for {public_address}, close to expiry "
+                         f"({self.state.relative(self.state.server_cert)})")
         if not os.path.exists(self.state.crl):
             self.write_crl()
-            added.append("empty revocation list (pki/crl.pem)")
+            added.append(f"empty revocation list ({self.state.relative(self.state.crl)})")
         return added
 
     def make_server_cert(self, public_address):
@@ -934,7 +1021,7 @@ class PKI:
         'openssl x509 -req' costs 28 ms here. It reports a bad self-signature
         on stderr only (exit status 0), so that line is what we check.
         """
-        argv = ["openssl", "req", "-config", self.state.pki_file("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509",
+        argv = ["openssl", "req", "-config", self.state.req_config, "-in", "/dev/stdin", "-verify", "-x509",
                 "-CA", self.state.ca_cert, "-CAkey", self.state.ca_key, "-set_serial", "0x" + serial,
                 "-days", str(CERT_DAYS), "-sha256", "-subj", f"/CN={common_name}"]
         for extension in extensions:
@@ -964,19 +1051,20 @@ class PKI:
         Under a file lock: two 'revoke' runs at once must not each write a
         list that lacks the other's host.
         """
-        with self.lock, open(self.state.pki_file("crl.lock"), "a") as lock:
+        with self.lock, open(self.state.crl_lock, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             lines = []
-            for row in store.revoked() if store else []:    # read under the lock
-                when = datetime.datetime.utcfromtimestamp(row["revoked_at"]).strftime("%y%m%d%H%M%SZ")
-                lines.append(f"R\t991231235959Z\t{when}\t{row['serial'].upper()}\tunknown\t/CN={row['name']}\n")
-            write_file(self.state.pki_file("index.txt"), "".join(lines), 0o600)
-            write_file(self.state.pki_file("ca.cnf"),
+            # Read under the lock: a revoke that commits meanwhile writes after us.
+            for serial, (name, revoked_at) in (store.revoked_certificates() if store else {}).items():
+                when = datetime.datetime.utcfromtimestamp(revoked_at).strftime("%y%m%d%H%M%SZ")
+                lines.append(f"R\t991231235959Z\t{when}\t{serial.upper()}\tunknown\t/CN={name}\n")
+            write_file(self.state.crl_index, "".join(lines), 0o600)
+            write_file(self.state.ca_config,
                        "[ca]\ndefault_ca = dynfarm\n[dynfarm]\n"
-                       f"database = {self.state.pki_file('index.txt')}\ncertificate = {self.state.ca_cert}\n"
+                       f"database = {self.state.crl_index}\ncertificate = {self.state.ca_cert}\n"
                        f"private_key = {self.state.ca_key}\ndefault_md = sha256\n"
                        f"default_crl_days = {CRL_DAYS}\n", 0o600)
-            run(["openssl", "ca", "-gencrl", "-batch", "-config", self.state.pki_file("ca.cnf"),
+            run(["openssl", "ca", "-gencrl", "-batch", "-config", self.state.ca_config,
                  "-out", self.state.crl])
             os.chmod(self.state.crl, 0o644)
 
@@ -1119,7 +1207,7 @@ def write_server_config(config, provider):
     except FileNotFoundError:
         what = "added"
     write_file(path, text, 0o600)
-    return [f"OpenVPN server configuration for {provider.name} ({what}: openvpn/{provider.name}.conf)"]
+    return [f"OpenVPN server configuration for {provider.name} ({what}: {config.state.relative(path)})"]
 
 
 def exec_vpn_server(config, provider):
@@ -1129,9 +1217,12 @@ def exec_vpn_server(config, provider):
     if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
         raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
     write_server_config(config, provider)
+    argv = ["openvpn", "--config", config.state.vpn_config(provider.name)]
+    if ECHO_COMMANDS:
+        log("[#] " + " ".join(shlex.quote(a) for a in argv))
     sys.stdout.flush()
     try:
-        os.execvp("openvpn", ["openvpn", "--config", config.state.vpn_config(provider.name)])
+        os.execvp("openvpn", argv)
     except FileNotFoundError:
         raise Fatal("openvpn: command not found; install the openvpn package")
 
@@ -1566,7 +1657,7 @@ def links_peer(config, name, down=False):
     return 0
 
 
-# === Site: init and revoke ===
+# === Site: init, revoke, retire ===
 
 def init_site(config):
     """Create what the site state lacks; the list of what was added (empty: it was complete)."""
@@ -1577,7 +1668,7 @@ def init_site(config):
     added += PKI(config.state).ensure(config.public_address)
     store = Store(config.state.database)
     if store.create():
-        added.append("site database (dynfarm.db)")
+        added.append(f"site database ({config.state.relative(config.state.database)})")
     store.close()
     for provider in config.providers.values():
         os.makedirs(config.state.ccd_dir(provider.name), mode=0o755, exist_ok=True)
@@ -1597,15 +1688,139 @@ def revoke_host(config, name):
     """
     store = open_store(config)
     host = store.host(name)
+    if host is None:
+        raise UsageError(f"no host named {name} (see 'remote_control list')")
+    return revoke(config, store, host)
+
+
+def revoke(config, store, host):
     with store.transaction():
         # Gone since the read? (a new host's failed enrollment releases its row)
-        if host is None or not store.revoke(host["name"], host["pubkey_sha256"]):
-            raise UsageError(f"no host named {name} (see 'remote_control list')")
+        if not store.revoke(host["name"], host["pubkey_sha256"]):
+            raise UsageError(f"no host named {host['name']} (see 'remote_control list')")
     remove_ccd(config, host["provider"], host["name"])
     PKI(config.state).write_crl(store)
     kicked = management_command(config, host["provider"], f"kill {host['name']}")
     ended = kicked and any(line.startswith("SUCCESS") for line in kicked)
     return f"revoked {host['name']}" + ("; its VPN session was ended" if ended else "")
+
+
+RETIRE_POLL = 2.0      # seconds between asks whether a draining node is idle yet
+
+
+def retire_hosts(config, names, timeout, dry_run=False):
+    """Retire hosts: drain each in the batch system, wait until it is idle
+    (timeout seconds at most), remove it there, then revoke it and free its
+    name and address. Every host is checked before anything is done, and a
+    host is revoked only once the batch system has let go of it. The exit
+    code: 1 if a host was left enrolled."""
+    store = open_store(config)
+    hosts = [host_to_retire(store, name) for name in dict.fromkeys(names)]
+    if dry_run:
+        for host in hosts:
+            print(f"would retire {host['name']} ({host['address']}, last seen {ago(host['last_seen'])}): "
+                  + ("drain, wait until idle (at most " + format_duration(timeout) + "), remove from the batch "
+                     "system, " if config.batch else "no [batch] section: ")
+                  + "revoke, free its name and address")
+        return 0
+    left = 0
+    draining = []
+    for host in hosts:
+        if config.batch:
+            done, output = batch_hook(config, "drain", host)
+            if not done:
+                sys.stderr.write(f"dynfarm: {host['name']}: drain failed ({output}); nothing done\n")
+                left += 1
+                continue
+            print(f"{host['name']}: draining")
+        draining.append(host)
+    deadline = time.monotonic() + timeout
+    while draining:
+        for host in list(draining):
+            state = node_state(config, host)
+            if state == "busy":
+                continue
+            draining.remove(host)
+            if state == "idle":
+                left += not release_host(config, store, host)
+            else:
+                sys.stderr.write(f"dynfarm: {host['name']}: idle check failed ({state}); left drained and enrolled\n")
+                left += 1
+        if draining and time.monotonic() >= deadline:
+            for host in draining:
+                sys.stderr.write(f"dynfarm: {host['name']}: still running jobs after {format_duration(timeout)}; "
+                                 "left drained and enrolled (retire it again later)\n")
+            return 1
+        if draining:
+            time.sleep(RETIRE_POLL)
+    return 1 if left else 0
+
+
+def host_to_retire(store, name):
+    host = store.host(name)
+    if host is not None:
+        return host
+    retired = store.retired_name(name)
+    if retired is not None:
+        raise UsageError(f"{name} was retired {ago(retired['retired_at'])}; nothing to do")
+    raise UsageError(f"no host named {name} (see 'remote_control list')")
+
+
+def node_state(config, host):
+    """'idle', 'busy', or why the [batch] idle command failed (exit 0: idle, 1: busy)."""
+    if not config.batch:
+        return "idle"
+    done = run(["/bin/sh", "-c", config.batch["idle"]], check=False, env=batch_environment(host))
+    if done.returncode in (0, 1):
+        return ("idle", "busy")[done.returncode]
+    return hook_output(done)
+
+
+def release_host(config, store, host):
+    """Remove a drained, idle node from the batch system, revoke it, free its name and address."""
+    if config.batch:
+        done, output = batch_hook(config, "remove", host)
+        if not done:
+            sys.stderr.write(f"dynfarm: {host['name']}: remove failed ({output}); left drained and enrolled\n")
+            return False
+    revoked = revoke(config, store, host)
+    with store.transaction():
+        store.retire(host["name"], host["pubkey_sha256"])
+    print(f"retired {host['name']}: {revoked.partition('; ')[2] or 'revoked'}; "
+          f"its name and {host['address']} are free again")
+    return True
+
+
+def batch_hook(config, which, host):
+    """Run the [batch] command `which` for host: (succeeded, its last line of output)."""
+    done = run(["/bin/sh", "-c", config.batch[which]], check=False, env=batch_environment(host))
+    return done.returncode == 0, hook_output(done)
+
+
+def hook_output(done):
+    lines = (done.stdout + done.stderr).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit {done.returncode}"
+
+
+def batch_environment(host):
+    """What a [batch] command knows of its node, beside this process's environment."""
+    return dict(os.environ, DYNFARM_HOST=host["name"], DYNFARM_PROVIDER=host["provider"],
+                DYNFARM_ADDRESS=host["address"], DYNFARM_HOSTNAME=host["hostname"])
+
+
+def stale_hosts(config, age):
+    """Names of the hosts the VPN shows disconnected (or revoked) that have not
+    enrolled nor reported (a VM does both at every boot) for age seconds."""
+    names, unknown, now = [], set(), time.time()
+    for row in host_rows(config, open_store(config), set()):
+        if row["state"] == "vpn-down":
+            unknown.add(row["provider"])
+        elif row["state"] in ("disconnected", "revoked") and (row["last_seen"] or 0) < now - age:
+            names.append(row["name"])
+    for provider in sorted(unknown):
+        sys.stderr.write(f"dynfarm: the hosts of {provider} are left alone: its VPN server does not run, so "
+                         "which are connected is unknown\n")
+    return names
 
 
 # === Enrollment service ===
@@ -1665,6 +1880,7 @@ class App:
         self.source = read_own_source()
         self.version = hashlib.sha256(self.source).hexdigest()
         self.free_from = {}    # provider -> lowest address number that may be free
+        self.retired_seen = 0  # the last retired row whose address free_from took into account
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
             ("GET", "/v1/client"): self.client_download,
@@ -1729,14 +1945,18 @@ class App:
                 check_token(self.store, fields.get("token", ""))   # raises, saying why
                 raise RequestError(401, "invalid enrollment token")
             name, address = self.create_host(provider, pubkey, enrollment)
+            self.store.record_certificate(enrollment.serial, pubkey, name)
             return Reservation(provider, name, address, enrollment.serial, token_id, True)
 
     def enrollment_stands(self, held, pubkey, enrollment):
         """The invariant, checked: a new host's row still holds its serial; a known host's takes it now."""
         if held.created:
             return self.store.holds(held.name, held.serial)
-        with self.store.one_statement():
-            return self.store.record_enrollment(held.name, pubkey, enrollment)
+        with self.store.transaction():
+            if not self.store.record_enrollment(held.name, pubkey, enrollment):
+                return False
+            self.store.record_certificate(held.serial, pubkey, held.name)
+            return True
 
     def overtaken(self, held, pubkey):
         """The error for a signed enrollment whose row changed meanwhile (revoked, released, overtaken)."""
@@ -1780,6 +2000,10 @@ class App:
                 raise RequestError(403, "certificate request key differs from the enrolled key")
         else:
             known = self.store.host_by_key(pubkey) if pubkey else None
+            retired = self.store.retired_key(pubkey) if pubkey and known is None else None
+            if retired is not None:
+                raise RequestError(403, f"this machine was retired (as {retired['name']}); "
+                                        "it cannot enroll again")
         if known is not None:
             if known["revoked_at"] is not None:
                 raise RequestError(403, f"host {known['name']} is revoked")
@@ -1816,8 +2040,13 @@ class App:
         """(name, address) of a new host's row, made with this enrollment in it."""
         seq = self.store.next_seq(provider.name)
         name = host_name(provider.name, seq)
-        # Addresses below free_from are taken (this process gave them out),
-        # so the search starts there: one lookup per enrollment, not a scan.
+        # Addresses below free_from are taken (this process gave them out,
+        # and 'retire' in another process frees them), so the search starts
+        # there: one lookup per enrollment, not a scan.
+        for rowid, provider_name, freed in self.store.retired_after(self.retired_seen):
+            number = int(ipaddress.IPv4Address(freed))
+            self.free_from[provider_name] = min(self.free_from.get(provider_name, number), number)
+            self.retired_seen = rowid
         address = allocate_address(provider, segment(self.config, provider), self.store.address_taken,
                                    self.free_from.get(provider.name, 0))
         self.free_from[provider.name] = int(ipaddress.IPv4Address(address)) + 1
@@ -1835,6 +2064,7 @@ class App:
             "netmask": seg.netmask,
             "vpn_server": seg.server,
             "probe_port": self.config.listen_port,
+            "links": {link.name: str(link.address) for link in self.config.links.values()},
             "certificate": certificate,
             "openvpn_config": openvpn_client_config(self.config, provider, certificate),
             "customization": self.customization(provider),
@@ -2148,8 +2378,8 @@ def peer_identity(tls_socket):
 
 
 class TLSServer:
-    """The enrollment service: one thread runs every connection's TLS and
-    HTTP without blocking, a few workers call the app.
+    """The HTTPS server: one thread runs every connection's TLS and HTTP
+    without blocking, a few workers call the app.
 
     A thread per connection cost a thread start, a fresh stack and a fight
     for the interpreter lock per VM of a boot storm; here 500 VMs booting at
@@ -2514,7 +2744,7 @@ class Client:
         answer = self.enroll_or_stored()
         self.write_vpn_config(answer)
         self.ensure_tunnel(answer)
-        failed = self.apply_customization(answer["customization"])
+        failed = self.apply_customization(answer["customization"], command_environment(answer))
         ready = time.monotonic() - started
         say(f"{answer['name']} ready at {answer['address']} in {ready:.2f}s"
             + (f"; {failed} step(s) failed" if failed else ""))
@@ -2689,8 +2919,8 @@ class Client:
 
     # customization
 
-    def apply_customization(self, custom):
-        """ssh keys, files, commands, in that order; returns how many steps failed."""
+    def apply_customization(self, custom, env=None):
+        """ssh keys, files, commands (run with env), in that order; returns how many steps failed."""
         self.install_ssh_keys(custom["ssh_keys"])
         for entry in custom["files"]:
             self.apply_file(entry)
@@ -2698,7 +2928,9 @@ class Client:
         for command in custom["commands"]:
             script = os.path.join(self.commands_dir, command["name"])
             write_file(script, command["script"], 0o700)
-            done = subprocess.run(["/bin/sh", script], cwd="/", capture_output=True)
+            if ECHO_COMMANDS:
+                log(f"[#] /bin/sh {shlex.quote(script)}")
+            done = subprocess.run(["/bin/sh", script], cwd="/", capture_output=True, env=env)
             self.steps.append({"step": "command " + command["name"], "rc": done.returncode})
             say(f"command {command['name']}: exit {done.returncode}")
             for line in (done.stdout + done.stderr).decode(errors="replace").splitlines()[-5:]:
@@ -2812,6 +3044,26 @@ def ssh_host_keys():
             if len(fields) >= 2 and HOST_KEY_RE.fullmatch(f"{fields[0]} {fields[1]}"):   # no ssh-dss
                 keys.append(f"{fields[0]} {fields[1]}")
     return keys
+
+
+def command_environment(answer):
+    """The environment of a provider command: the VM's own, less the
+    enrollment token (whatever a command starts, a batch daemon and its jobs,
+    must not see it), plus this host's identity as site.conf.example lists it."""
+    env = {name: value for name, value in os.environ.items() if name != "DYNFARM_TOKEN"}
+    facts = machine_facts()
+    env.update({
+        "DYNFARM_NAME": answer["name"],
+        "DYNFARM_PROVIDER": answer["provider"],
+        "DYNFARM_ADDRESS": answer["address"],
+        "DYNFARM_NETMASK": answer["netmask"],
+        "DYNFARM_SERVER": answer["vpn_server"],
+        "DYNFARM_CORES": str(facts["cores"]),
+        "DYNFARM_MEMORY_MB": str(facts.get("memory_mb", "")),
+        # an answer stored by an older version has no links
+        "DYNFARM_LINKS": " ".join(f"{name}={address}" for name, address in answer.get("links", {}).items()),
+    })
+    return env
 
 
 def machine_facts():
@@ -3000,7 +3252,7 @@ def gather_outputs(outputs):
 # --- selection ---
 
 def host_rows(config, store, providers):
-    """Hosts joined with their provider's live OpenVPN status."""
+    """Hosts joined with their provider's live OpenVPN status; then the retired."""
     live = {p: connected_clients(config, p) for p in config.providers}
     rows = []
     for host in store.hosts(providers):
@@ -3022,7 +3274,13 @@ def host_rows(config, store, providers):
             "client_version": (host["client_version"] or "")[:12],
             "facts": json.loads(host["facts"]),
             "host_keys": json.loads(host["host_keys"]),
+            "retired_at": None,
         })
+    for host in store.retired(providers):
+        rows.append({"name": host["name"], "provider": host["provider"], "address": host["address"],
+                     "state": "retired", "hostname": host["hostname"], "enrolled_at": host["enrolled_at"],
+                     "last_seen": host["last_seen"], "client_version": "", "facts": {}, "host_keys": [],
+                     "retired_at": host["retired_at"]})
     return rows
 
 
@@ -3050,12 +3308,14 @@ def select_hosts(config, store, selection):
     return rows
 
 
-def list_hosts(config, selection, as_json=False):
-    """remote_control list: a table, or everything recorded as JSON."""
+def list_hosts(config, selection, as_json=False, retired=False):
+    """remote_control list: a table (the retired hosts too if asked), or everything recorded as JSON."""
     rows = select_hosts(config, open_store(config), selection)
     if as_json:
         print(json.dumps(rows, indent=1))
-    elif rows:
+        return 0
+    rows = [r for r in rows if retired or r["state"] != "retired"]
+    if rows:
         for row in rows:
             row["last seen"] = ago(row["last_seen"])
             row["version"] = row["client_version"] or "-"
@@ -3318,7 +3578,7 @@ def summary_line(jobs):
 
 def host_verdict(job):
     """The line for a host that did not succeed: its status word and why."""
-    if job.status == "failed":
+    if job.status == "failed" and job.rc is not None:
         why = f"exit {job.rc}"
     elif job.status == "timeout":
         why = "killed"
@@ -3367,7 +3627,7 @@ class JsonOutput:
 def remote_action(config, selection, reach, make_argv, output):
     """Select, fan out, report: what run, put and get share. make_argv(row, ssh options) -> argv."""
     store = open_store(config)
-    rows = [r for r in select_hosts(config, store, selection) if r["state"] != "revoked"]
+    rows = [r for r in select_hosts(config, store, selection) if r["state"] not in ("revoked", "retired")]
     if not reach.all:
         rows = [r for r in rows if r["state"] == "connected"]
     if not rows:
@@ -3382,8 +3642,9 @@ def remote_action(config, selection, reach, make_argv, output):
 
 def fan_out(jobs, reach, output):
     """Run the jobs, report them; the exit code (130 if interrupted)."""
+    # The progress line rewrites itself: echoed commands would end up on it.
     fan = FanOut(jobs, reach.fanout, reach.timeout, on_line=output.on_line,
-                 progress=output.progress and sys.stderr.isatty())
+                 progress=output.progress and sys.stderr.isatty() and not ECHO_COMMANDS)
     try:
         fan.run()
     except KeyboardInterrupt:
@@ -3441,6 +3702,17 @@ def cmd_revoke(args, config):
     return 0
 
 
+def cmd_retire(args, config):
+    if bool(args.hosts) == bool(args.stale):
+        raise UsageError("retire: name the hosts, or give --stale DURATION (not both)")
+    timeout = parse_duration(args.timeout)
+    names = args.hosts or stale_hosts(config, parse_duration(args.stale))
+    if not names:
+        print(f"no host is stale for {args.stale}")
+        return 0
+    return retire_hosts(config, names, timeout, args.dry_run)
+
+
 def cmd_links(args, config):
     if args.action == "up":
         return links_up(config, args.dry_run)
@@ -3469,7 +3741,7 @@ def reach_of(args):
 
 
 def cmd_list(args, config):
-    return list_hosts(config, selection_of(args), args.json)
+    return list_hosts(config, selection_of(args), args.json, retired=args.all)
 
 
 def cmd_run(args, config):
@@ -3537,6 +3809,20 @@ def build_parser():
     p = sub.add_parser("revoke", help="a host can no longer connect or re-enroll")
     p.add_argument("host")
     p.set_defaults(func=cmd_revoke)
+    p = sub.add_parser(
+        "retire", help="drain hosts in the batch system, then revoke them and free their names and addresses",
+        description="The planned removal of hosts: the [batch] drain command, then its idle command until "
+                    "the node runs no job, then its remove command; then the host is revoked (CRL, VPN "
+                    "session ended, all its certificates refused) and its name and address go to the next "
+                    "new VM. Without a [batch] section, only the revoke and the release. A host still busy "
+                    "at the timeout is left drained and enrolled (exit 1).")
+    p.add_argument("hosts", nargs="*", metavar="HOST")
+    p.add_argument("--stale", metavar="DURATION",
+                   help="instead of names: the hosts the VPN shows disconnected that have not enrolled or "
+                        "reported (each boot does both) for that long, e.g. 7d")
+    p.add_argument("--timeout", default="1h", help="how long to wait for a node to run no job (default 1h)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    p.set_defaults(func=cmd_retire)
 
     p = sub.add_parser("links", help="the VPN server's links to site hosts, routing and firewall",
                        description="gre mode: links (gre or vxlan) to the [link:NAME] hosts, policy routing "
@@ -3579,7 +3865,8 @@ def build_parser():
     p.add_argument("-p", "--provider", action="append", help="only this provider (repeatable)")
     p.add_argument("-w", dest="hosts", metavar="HOSTS", help="only these hosts (ranges, globs, commas)")
     p.add_argument("-x", dest="exclude", metavar="HOSTS", help="not these hosts")
-    p.add_argument("--all", action="store_true", help="also try hosts the VPN does not show connected")
+    p.add_argument("--all", action="store_true", help="also try hosts the VPN does not show connected "
+                                                      "(list: also show the retired)")
     p.add_argument("-f", "--fanout", type=positive_int, default=64, help="hosts at once (default 64)")
     p.add_argument("-t", "--connect-timeout", type=float, default=10, help="ssh connect timeout, s (default 10)")
     p.add_argument("-u", "--timeout", type=float, default=0, help="command timeout per host, s (default none)")

@@ -107,3 +107,14 @@ def known_hosts(store):
     """known_hosts text for every host, from the keys the VMs sent at enrollment."""
     return dynfarm.known_hosts_lines({"address": h["address"], "host_keys": json.loads(h["host_keys"])}
                                      for h in store.hosts())
+
+
+def cert_serial(certificate):
+    return subprocess.run(["openssl", "x509", "-noout", "-serial"], input=certificate,
+                          capture_output=True, text=True, check=True).stdout.split("=")[1].strip().lower()
+
+
+def crl_serials(config):
+    text = subprocess.run(["openssl", "crl", "-in", config.state.crl, "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    return {line.split(":", 1)[1].strip().lower() for line in text.splitlines() if "Serial Number:" in line}

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import dynfarm
-from helpers import VERSION, call, db_snapshot, enroll_body, tamper
+from helpers import VERSION, call, cert_serial, crl_serials, db_snapshot, enroll_body, tamper
 
 
 # --- tokens -----------------------------------------------------------------------
@@ -244,6 +244,14 @@ def test_concurrent_enrollments_get_distinct_addresses(app, make_csr):
     assert app.store.token(token.split(".")[0])["uses_left"] == 16
 
 
+def test_a_failed_enrollment_gives_its_name_and_address_back(app, make_csr):
+    """The signing refuses after the reservation: the next machine gets what it held."""
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    assert call(app, "/v1/enroll", enroll_body(token, tamper(make_csr()[1])))[0] == 400
+    answer = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]
+    assert (answer["name"], answer["address"]) == ("aruba-0001", "10.8.0.2")
+
+
 def test_exhaustion_is_clear_and_changes_nothing(app, make_csr):
     token, _ = dynfarm.new_token(app.store, "other", 10, 60)
     for _ in range(5):                                  # a /29: .2 to .6
@@ -394,17 +402,6 @@ def revoke_while_signing(app, monkeypatch, then_fail=False):
         return certificate
     monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
     return signed
-
-
-def cert_serial(certificate):
-    return subprocess.run(["openssl", "x509", "-noout", "-serial"], input=certificate,
-                          capture_output=True, text=True, check=True).stdout.split("=")[1].strip().lower()
-
-
-def crl_serials(config):
-    text = subprocess.run(["openssl", "crl", "-in", config.state.crl, "-noout", "-text"],
-                          capture_output=True, text=True, check=True).stdout
-    return {line.split(":", 1)[1].strip().lower() for line in text.splitlines() if "Serial Number:" in line}
 
 
 def test_a_revoke_landing_while_a_host_re_enrolls_wins_and_lists_its_live_certificate(app, make_csr, monkeypatch):

@@ -73,6 +73,13 @@ def test_a_command_that_cannot_start_is_a_failure():
     jobs = [dynfarm.Job("x", ["/nonexistent/ssh"])]
     dynfarm.FanOut(jobs, 1, 0).run()
     assert jobs[0].status == "failed" and b"No such file" in jobs[0].err
+    assert dynfarm.host_verdict(jobs[0]) == "x: failed (/nonexistent/ssh: No such file or directory)"
+
+
+def test_verbose_echoes_each_command_it_starts(monkeypatch, capsys):
+    monkeypatch.setattr(dynfarm, "ECHO_COMMANDS", True)
+    dynfarm.FanOut(jobs_for({"a-1": "true"}), 1, 0).run()
+    assert "dynfarm: [#] sh -c true\n" in capsys.readouterr().err
 
 
 def test_summary_always_names_the_four_main_verdicts():

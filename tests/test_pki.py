@@ -28,7 +28,7 @@ def test_signing_command_checks_the_request_and_forces_the_name(site, make_csr, 
     serial = dynfarm.new_serial()
     pki.sign_client(csr, "aruba-0042", serial)
     argv, given = seen[0]
-    assert argv[:8] == ["openssl", "req", "-config", pki.state.pki_file("req.cnf"), "-in", "/dev/stdin", "-verify", "-x509"]
+    assert argv[:8] == ["openssl", "req", "-config", pki.state.req_config, "-in", "/dev/stdin", "-verify", "-x509"]
     assert argv[argv.index("-subj") + 1] == "/CN=aruba-0042"
     assert argv[argv.index("-set_serial") + 1] == "0x" + serial
     assert argv[argv.index("-CAkey") + 1] == pki.state.ca_key

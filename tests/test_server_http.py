@@ -262,10 +262,10 @@ def test_a_trickling_peer_gets_a_bounded_share_of_the_loop():
 
 def test_a_bug_in_a_request_gets_500_and_the_server_keeps_serving(server, monkeypatch):
     httpd, ctx, _ = server
-    handle = httpd.app
+    app = httpd.app
 
     def broken_once(request):
-        monkeypatch.setattr(httpd, "app", handle)
+        monkeypatch.setattr(httpd, "app", app)
         raise RuntimeError("a bug")
     monkeypatch.setattr(httpd, "app", broken_once)
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -336,11 +336,11 @@ def test_a_request_waiting_for_a_worker_is_not_cut_off(server, monkeypatch):
     """request_timeout (2 s here) bounds the client's slowness, not the
     server's queue: requests held past it by busy workers are still answered."""
     httpd, ctx, _ = server
-    release, handle = threading.Event(), httpd.app
+    release, app = threading.Event(), httpd.app
 
     def held(request):
         release.wait(10)
-        return handle(request)
+        return app(request)
     monkeypatch.setattr(httpd, "app", held)
     results = []
     clients = [threading.Thread(target=lambda: results.append(healthy(httpd, ctx)))
