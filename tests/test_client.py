@@ -170,6 +170,24 @@ def test_commands_run_in_order_and_failures_counted(client, tmp_path, capsys):
     assert "command a.sh: exit 0" in said and "command b.sh: exit 3" in said
 
 
+def test_commands_know_their_host_and_never_see_the_token(client, tmp_path, monkeypatch):
+    os.makedirs(client.dir)
+    monkeypatch.setenv("DYNFARM_TOKEN", "abc.secret")
+    answer = {"name": "aruba-0002", "provider": "aruba", "address": "10.8.0.3", "netmask": "255.255.255.0",
+              "vpn_server": "10.8.0.1", "links": {"master": "10.10.0.5", "ce": "10.10.0.7"}}
+    seen = tmp_path / "env"
+    assert client.apply_customization({"ssh_keys": [], "files": [], "commands": [
+        {"name": "env.sh", "script": f"env > {seen}\n"}]}, dynfarm.command_environment(answer)) == 0
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+    assert {k: v for k, v in env.items() if k.startswith("DYNFARM_") and k not in ("DYNFARM_CORES",
+                                                                                 "DYNFARM_MEMORY_MB")} == {
+        "DYNFARM_NAME": "aruba-0002", "DYNFARM_PROVIDER": "aruba", "DYNFARM_ADDRESS": "10.8.0.3",
+        "DYNFARM_NETMASK": "255.255.255.0", "DYNFARM_SERVER": "10.8.0.1",
+        "DYNFARM_LINKS": "master=10.10.0.5 ce=10.10.0.7"}
+    assert int(env["DYNFARM_CORES"]) == os.cpu_count() and int(env["DYNFARM_MEMORY_MB"]) > 0
+    assert "PATH" in env                                      # the VM's own environment stays
+
+
 # --- the certificate presented ----------------------------------------------------
 
 def test_an_expired_client_certificate_is_not_presented(app, make_csr, client, monkeypatch):

@@ -133,6 +133,7 @@ def test_enroll_gives_name_address_and_config(app, make_csr):
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, csr))
     assert status == 200, answer
     assert (answer["name"], answer["address"], answer["vpn_server"]) == ("aruba-0001", "10.8.0.2", "10.8.0.1")
+    assert answer["links"] == {"master": "10.10.0.5"}
     ovpn = answer["openvpn_config"]
     assert "<ca>" in ovpn and "<cert>" in ovpn and "<tls-crypt>" in ovpn
     assert "PRIVATE KEY" not in json.dumps(answer)
