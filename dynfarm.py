@@ -2000,10 +2000,8 @@ class App:
                 raise RequestError(403, "certificate request key differs from the enrolled key")
         else:
             known = self.store.host_by_key(pubkey) if pubkey else None
-            retired = self.store.retired_key(pubkey) if pubkey and known is None else None
-            if retired is not None:
-                raise RequestError(403, f"this machine was retired (as {retired['name']}); "
-                                        "it cannot enroll again")
+            if pubkey and known is None:
+                self.refuse_retired(pubkey)
         if known is not None:
             if known["revoked_at"] is not None:
                 raise RequestError(403, f"host {known['name']} is revoked")
@@ -2027,10 +2025,17 @@ class App:
             raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
         return provider, known, token_id
 
+    def refuse_retired(self, pubkey):
+        """403 if this key belonged to a host that was retired."""
+        retired = self.store.retired_key(pubkey)
+        if retired is not None:
+            raise RequestError(403, f"this machine was retired (as {retired['name']}); it cannot enroll again")
+
     def certified_host(self, request):
         """The host whose certificate the peer presented (CA-verified by TLS)."""
         host = self.store.host(request.peer_cn)
         if host is None or host["pubkey_sha256"] != request.peer_key:
+            self.refuse_retired(request.peer_key)
             raise RequestError(403, "client certificate does not belong to an enrolled host")
         if host["revoked_at"] is not None:
             raise RequestError(403, f"host {host['name']} is revoked")

@@ -61,6 +61,7 @@ def retire(app, capsys, *args):
 def test_retire_drains_waits_removes_then_revokes_and_frees_the_name_and_address(batch_site, make_csr, capsys):
     app, hooks = batch_site
     (key, first), _ = enroll(app, make_csr, 2)
+    pubkey = app.store.host("aruba-0001")["pubkey_sha256"]
     again = call(app, "/v1/enroll", enroll_body("", dynfarm.make_csr(key, "x")))[1]    # a reboot: a second certificate
     (hooks / "idle-aruba-0001").touch()
     code, out, err = retire(app, capsys, "aruba-0001")
@@ -79,6 +80,10 @@ def test_retire_drains_waits_removes_then_revokes_and_frees_the_name_and_address
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
     assert status == 403 and "retired" in answer["error"]
+    # nor with its old certificate (a later boot), whose name now belongs to another
+    status, answer, _ = call(app, "/v1/enroll", enroll_body("", dynfarm.make_csr(key, "x")),
+                             peer=("aruba-0001", pubkey))
+    assert status == 403 and answer["error"] == "this machine was retired (as aruba-0001); it cannot enroll again"
 
 
 def test_retire_waits_until_the_node_runs_no_job(batch_site, make_csr, capsys, monkeypatch):
