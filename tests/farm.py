@@ -102,11 +102,13 @@ def wait_for(check, what, timeout=20):
 
 
 @contextlib.contextmanager
-def running_farm(tmp, vms=VMS, conf=SITE_CONF):
-    """The world up, the site initialised, its VPNs and server running, sshd on every VM."""
+def running_farm(tmp, vms=VMS, conf=SITE_CONF, hosts=()):
+    """The world up, the site initialised, its VPNs and server running, sshd on every VM.
+
+    hosts: site nodes that get a host of their own (World's hosts)."""
     site_dir = os.path.join(tmp, "site")
     write_site(site_dir, conf)
-    world = World(os.path.join(tmp, "world"), vms=len(vms))
+    world = World(os.path.join(tmp, "world"), vms=len(vms), hosts=hosts)
     world.up()
     try:
         farm = Farm(world, site_dir)

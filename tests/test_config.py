@@ -74,11 +74,14 @@ def test_site_conf_example_is_valid(tmp_path):
     with open(os.path.join(repo, "site.conf.example")) as f:
         text = f.read()
     (tmp_path / "custom" / "aruba" / "files").mkdir(parents=True)
-    (tmp_path / "custom" / "aruba" / "setup.sh").write_text("true\n")
+    (tmp_path / "custom" / "aruba" / "join.sh").write_text("true\n")
     (tmp_path / "site.conf").write_text(text)
     config = dynfarm.load_config(str(tmp_path / "site.conf"))
     assert config.links["batch-master"].device == "dl-batch-master"
     assert config.providers["aruba"].vm_to_vm is True
+    # the Slurm hooks whole: a ; or % inside a value is the shell's, not the parser's
+    assert config.batch["idle"] == 'jobs=$(squeue -h -w "$DYNFARM_HOST" -o %i) || exit 2; test -z "$jobs"'
+    assert config.batch["remove"] == 'scontrol delete nodename="$DYNFARM_HOST"'
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800)])

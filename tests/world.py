@@ -44,10 +44,14 @@ worlds whose owner is dead: it kills `ip netns pids`, then deletes the namespace
         world.spawn("site", ["openvpn", ...], log_path)
         world.vm_path("vm1", "/root/.ssh/authorized_keys")
 
-API: World(tmpdir, vms=3, prefix=None, echo=False) with .vms .nodes .prefix, up(),
-down(), ns(node), argv(node, argv, env=None), run(node, argv, ...), spawn(node, argv,
-log_path), vm_path(vm, path), start_sshd(vm), stop_sshd(vm); sweep(); the probes
-can_connect() and peer_address_seen(). Every command is logged as "[#] ..." to
+World(..., hosts=("master",)) gives the master a host of its own as well (writable
+/etc and /var overlays, private /run, hostname "master"), for daemons that want their
+usual paths and name (munged, slurmctld); it keeps the machine's /tmp and /root.
+
+API: World(tmpdir, vms=3, prefix=None, echo=False, hosts=()) with .vms .nodes .hosts
+.prefix, up(), down(), ns(node), argv(node, argv, env=None), run(node, argv, ...),
+spawn(node, argv, log_path), vm_path(vm, path), holder_pid(node), start_sshd(vm),
+stop_sshd(vm), crash(vm); sweep(); the probes can_connect() and peer_address_seen(). Every command is logged as "[#] ..." to
 TMPDIR/world.log (and to stderr with echo=True).
 
 Commands in a VM get a clean environment (VM_ENV), like a booted machine. Run Python
@@ -234,17 +238,24 @@ def sweep(pattern=NETNS_RE):
 class World:
     """The network of site, nat, master, storage and vm1..vmN (see the module doc)."""
 
-    def __init__(self, tmpdir, vms=3, prefix=None, echo=False):
+    def __init__(self, tmpdir, vms=3, prefix=None, echo=False, hosts=()):
         """tmpdir: a directory (made if missing) for the VMs' private files and world.log.
 
         prefix: "df" + 5 hex digits; by default derived from our pid, or a free one.
         echo: also print every command to stderr (the log file always has them).
+        hosts: site nodes (e.g. "master") that get a host of their own: writable
+        /etc and /var overlays, a private /run and their own hostname, so that
+        daemons such as munged and slurmctld find their usual paths and name. They
+        keep the machine's other files (/tmp, /root), unlike VMs.
         """
         if not 1 <= vms <= 200:
             raise WorldError(f"vms={vms}: expected 1..200")
+        if set(hosts) - {"master", "storage"}:
+            raise WorldError(f"hosts={hosts}: expected some of master, storage")
         self.tmpdir = os.path.abspath(tmpdir)
         self.vms = [f"vm{n}" for n in range(1, vms + 1)]
         self.nodes = list(SITE_NODES) + self.vms
+        self.hosts = [h for h in SITE_NODES if h in hosts]
         self.prefix = prefix or self._free_prefix()
         if not PREFIX_RE.match(self.prefix):
             raise WorldError(f"prefix {self.prefix!r}: expected df + 5 hex digits, "
@@ -252,7 +263,7 @@ class World:
         self.echo = echo
         self.log_path = os.path.join(self.tmpdir, "world.log")
         self._owner = (os.getpid(), _proc_stat(os.getpid())[2])
-        self._holders = {}   # vm -> Popen of its `sleep infinity`
+        self._holders = {}   # vm or host -> Popen of its `sleep infinity`
         self._procs = []     # every Popen we started that may outlive a call
         self._sshd = {}      # vm -> Popen of its sshd
         self._state = "new"
@@ -295,20 +306,27 @@ class World:
     def argv(self, node, argv, env=None):
         """The command line that runs argv inside node.
 
-        VMs: nsenter into the holder's network, mount and UTS namespaces, with the
-        clean VM_ENV (+ env). Other nodes: `ip netns exec`, the caller's environment.
+        VMs and hosts: nsenter into the holder's network, mount and UTS namespaces,
+        with the clean VM_ENV (+ env). Other nodes: `ip netns exec`, the caller's
+        environment.
         """
         if node in self._holders:
             assigns = [f"{k}={v}" for k, v in {**VM_ENV, **(env or {})}.items()]
             return (["nsenter", "-t", str(self._holders[node].pid), "-n", "-m", "-u", "--",
                      "env", "-i"] + assigns + list(argv))
-        if node in self.vms:
+        if node in self.vms + self.hosts:
             raise WorldError(f"{node} is not running (world not up?)")
         return ["ip", "netns", "exec", self.ns(node)] + list(argv)
 
+    def holder_pid(self, node):
+        """The pid whose namespaces are a VM's or host's (for nsenter -t PID -m: its files)."""
+        if node not in self._holders:
+            raise WorldError(f"{node} is not a running VM or host of this world")
+        return self._holders[node].pid
+
     def _env(self, node, env):
         """subprocess env: VMs carry theirs in argv; the rest inherit ours (+ env)."""
-        return None if node in self.vms or not env else {**os.environ, **env}
+        return None if node in self.vms + self.hosts or not env else {**os.environ, **env}
 
     def run(self, node, argv, check=True, timeout=60, input=None, env=None):
         """Run argv in node, wait, return CompletedProcess (text, output captured).
@@ -370,6 +388,8 @@ class World:
             self._check_tmpdir()
             os.makedirs(self.tmpdir, exist_ok=True)
             keygens = [self._prepare_vm_files(vm) for vm in self.vms]
+            for host in self.hosts:
+                self._make_layers(self._vm_dir(host))
             self._make_namespaces()
             self._make_links()
             self._configure_nat()
@@ -450,9 +470,7 @@ class World:
         for d in PRIVATE_DIRS:
             os.makedirs(base + d, exist_ok=True)
             os.chmod(base + d, DIR_MODES.get(d, 0o755))
-        for layer in OVERLAID_DIRS:
-            for part in ("upper", "work"):
-                os.makedirs(f"{base}/.layers{layer}/{part}")
+        self._make_layers(base)
         with open(base + "/etc/machine-id", "w") as f:
             f.write(secrets.token_hex(16) + "\n")
         os.chmod(base + "/etc/machine-id", 0o444)
@@ -470,6 +488,12 @@ class World:
                                 stderr=subprocess.DEVNULL)
         self._procs.append(proc)
         return proc
+
+    @staticmethod
+    def _make_layers(base):
+        for layer in OVERLAID_DIRS:
+            for part in ("upper", "work"):
+                os.makedirs(f"{base}/.layers{layer}/{part}")
 
     # --- building: network ---
 
@@ -546,17 +570,17 @@ class World:
     # --- building: the VMs' machines ---
 
     def _holder_script(self, vm):
-        """The sh script that makes a VM's mount and UTS namespaces, then sleeps."""
+        """The sh script that makes a VM's (or host's) mount and UTS namespaces, then sleeps."""
         base = self._vm_dir(vm)
         q = shlex.quote
         lines = ["set -e",
                  # Drop our copies of the machine's /run/netns mounts: they would hold the
                  # other namespaces alive and make `ip netns del` fail with EBUSY.
                  "if mountpoint -q /run/netns; then umount -R -l /run/netns; fi"]
-        for layer in OVERLAID_DIRS:
-            up, work = f"{base}/.layers{layer}/upper", f"{base}/.layers{layer}/work"
-            lines.append(f"mount -t overlay overlay -o "
-                         f"lowerdir={layer},upperdir={q(up)},workdir={q(work)} {layer}")
+        if vm in self.hosts:
+            return "\n".join(lines + self._overlay_lines(base) + self._identity_lines(vm)
+                             + ['echo "ready $$"', "exec sleep infinity </dev/null >/dev/null 2>&1"])
+        lines += self._overlay_lines(base)
         # Mount points the host may lack; they land in the overlays, not on the host.
         lines += [f"mkdir -p {d}" for d in PRIVATE_DIRS if d.startswith(("/etc/", "/var/"))]
         lines += [f"[ -e {f} ] || : > {f}" for f in PRIVATE_FILES]
@@ -565,17 +589,31 @@ class World:
         targets = sorted(PRIVATE_DIRS + PRIVATE_FILES,
                          key=lambda t: real == t or real.startswith(t + "/"))
         lines += [f"mount --bind {q(base + t)} {t}" for t in targets]
-        lines += ["mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run",
-                  "mkdir -m 0755 /run/sshd",
-                  "mkdir -m 1777 /run/lock",
-                  f"hostname {vm}",
-                  f"echo {vm} > /etc/hostname",
-                  # Resolve our own name without DNS: there is no resolver in the world.
-                  f"printf '127.0.1.1\\t{vm}\\n' >> /etc/hosts"]
+        lines += self._identity_lines(vm)
         # Last: the rest of the host read-only (per-mount flag, this namespace only).
         lines += [f"mount -o remount,bind,ro {q(t)}" for t in self._host_mounts_to_freeze()]
         lines += ['echo "ready $$"', "exec sleep infinity </dev/null >/dev/null 2>&1"]
         return "\n".join(lines)
+
+    @staticmethod
+    def _overlay_lines(base):
+        q, lines = shlex.quote, []
+        for layer in OVERLAID_DIRS:
+            up, work = f"{base}/.layers{layer}/upper", f"{base}/.layers{layer}/work"
+            lines.append(f"mount -t overlay overlay -o "
+                         f"lowerdir={layer},upperdir={q(up)},workdir={q(work)} {layer}")
+        return lines
+
+    @staticmethod
+    def _identity_lines(node):
+        """A private /run, the node's hostname, and that name resolving without DNS."""
+        return ["mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run",
+                "mkdir -m 0755 /run/sshd",
+                "mkdir -m 1777 /run/lock",
+                f"hostname {node}",
+                f"echo {node} > /etc/hostname",
+                # There is no resolver in the world.
+                f"printf '127.0.1.1\\t{node}\\n' >> /etc/hosts"]
 
     @staticmethod
     def _host_mounts_to_freeze():
@@ -596,8 +634,8 @@ class World:
         return sorted(targets, key=len)
 
     def _start_holders(self, timeout=20):
-        """Start every VM's holder at once, then wait for each to say "ready PID"."""
-        for vm in self.vms:
+        """Start every VM's and host's holder at once, then wait for each to say "ready PID"."""
+        for vm in self.vms + self.hosts:
             argv = ["ip", "netns", "exec", self.ns(vm), "unshare", "--mount", "--uts",
                     "--propagation", "private", "sh", "-c", self._holder_script(vm), vm]
             self._log(f"[{vm}] holder: unshare --mount --uts sh -c <mounts>; exec sleep infinity")
@@ -641,6 +679,25 @@ class World:
                 self.stop_sshd(vm)
                 raise WorldError(f"{vm}: sshd not answering on port 22 after {timeout}s: "
                                  f"{_tail(log)}")
+
+    def crash(self, vm, timeout=10):
+        """Kill every process of a VM but its holder and sshd: what its daemons see of
+        a power cut. Its files stay, as a disk does."""
+        keep = {self.holder_pid(vm)} | ({self._sshd[vm].pid} if vm in self._sshd else set())
+        self._log(f"[{vm}] crash: kill all but {sorted(keep)}")
+        deadline = time.monotonic() + timeout
+        while True:
+            victims = set(netns_pids(self.ns(vm))) - keep
+            if not victims:
+                return
+            if time.monotonic() > deadline:
+                raise WorldError(f"{vm}: processes {sorted(victims)} survive SIGKILL")
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
 
     def stop_sshd(self, vm):
         """Stop the VM's sshd listener (open sessions live on, as with a real sshd)."""
