@@ -92,12 +92,12 @@ def read(path):
         return f.read()
 
 
-def wait_for(check, what, timeout=20):
+def wait_for(check, what, timeout=20, interval=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for: {what}")
 
 

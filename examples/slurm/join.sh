@@ -36,12 +36,20 @@ chmod 0400 /etc/munge/munge.key
 # ~10 s. (ahosts, as they ask: `getent hosts` also waits for DNS's AAAA.)
 getent ahosts "$(hostname)" >/dev/null || printf '127.0.1.1\t%s\n' "$(hostname)" >> /etc/hosts
 
-# Stop what an earlier run (or the image's own munge service) started, by pid file.
-stop() {   # PIDFILE
+# Is PID that daemon, and alive? After a crash its pid file outlives it: the pid
+# may be another process's by now, or a zombie that init has not reaped yet.
+running() {   # PID NAME
+    [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] || return 1
+    [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
+# Stop what an earlier run (or the image's own munge service) started.
+stop() {   # PIDFILE NAME
     pid=$(cat "$1" 2>/dev/null) || return 0
-    kill "$pid" 2>/dev/null || return 0
+    running "$pid" "$2" || return 0
+    kill "$pid"
     i=0
-    while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    while running "$pid" "$2" && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 }
 
 conf="CPUs=$DYNFARM_CORES RealMemory=$DYNFARM_MEMORY_MB Feature=$FEATURES"
@@ -61,12 +69,12 @@ UNIT
     systemctl restart munge
     systemctl restart slurmd
 else
-    stop /run/munge/munged.pid
+    stop /run/munge/munged.pid munged
     # what the packages' units and tmpfiles would make
     install -d -o munge -g munge -m 0755 /run/munge
     install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
     runuser -u munge -- /usr/sbin/munged
-    stop /run/slurmd.pid
+    stop /run/slurmd.pid slurmd
     mkdir -p /var/spool/slurmd
     /usr/sbin/slurmd -Z -N "$DYNFARM_NAME" --conf-server "$controller" --conf "$conf" \
         -L /var/log/slurmd.log
