@@ -11,6 +11,7 @@ boot-to-idle in sinfo, in the same run. Everything is torn down at the end.
 """
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -115,7 +116,7 @@ def main():
         step("remote_control list")
         print(farm.dynfarm("remote_control", "-p", "aruba", "list").stdout, end="")
         command = "stat -c '%A %U %n' /etc/munge/munge.key; sha256sum /etc/munge/munge.key | cut -c1-16"
-        step(f"remote_control run -b -- '{command}'  (ssh over the VPN, host keys from enrollment)")
+        step(f"remote_control run -b -- {shlex.quote(command)}  (ssh over the VPN, host keys from enrollment)")
         done = farm.dynfarm("remote_control", "run", "-b", "--", command, check=False)
         print(done.stdout + done.stderr, end="")
 
