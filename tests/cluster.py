@@ -30,7 +30,6 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmctldLogFile=/var/log/slurmctld.log
 SlurmdSpoolDir=/var/spool/slurmd
 SchedulerType=sched/backfill
-SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # The namespaces have no cgroup file system of their own (ip netns exec
 # mounts a fresh /sys): track processes by their parentage instead.

@@ -43,9 +43,10 @@ def test_vms_join_slurm_as_idle_cloud_nodes_named_by_dynfarm(cluster):
     nodes = cluster.nodes()
     assert sorted(nodes) == names
     assert {features for _, features in nodes.values()} == {"cloud,aruba"}
-    # the node's size is the VM's, as the client reported it
+    # the node's size is the VM's: the cores slurmd finds, the memory the client reported
     facts = cluster.run("scontrol", "-o", "show", "node", "aruba-0001").stdout
     assert f"CPUTot={os.cpu_count()} " in facts
+    assert f"RealMemory={cluster.farm.hosts()['aruba-0001']['facts']['memory_mb']} " in facts
 
 
 def test_the_munge_key_arrived_whole_as_a_secret_of_munge(cluster):

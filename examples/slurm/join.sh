@@ -3,17 +3,19 @@
 # dynamic node (slurmd -Z), named as dynfarm named the host, configless.
 #
 # Run by the dynfarm client at every boot, once the VPN is up, with the host's
-# identity in DYNFARM_* (see site.conf.example). Needs on the VM image: the
-# Debian packages slurmd and munge (or your distribution's equivalents).
-# Needs from the site: the cluster's munge key as a 0600 file in the provider's
-# `files` tree (etc/munge/munge.key) and a [link:] to the slurmctld host.
+# identity in DYNFARM_* (see site.conf.example). Needs on the VM image: slurmd
+# (22.05 or later, not newer than slurmctld) and munge. Needs from the site:
+# the cluster's munge key as a 0600 file in the provider's `files` tree
+# (etc/munge/munge.key) and a [link:] to the slurmctld host.
 #
 # Safe to run again: a running munged and slurmd are restarted, so a rebooted
 # or re-enrolled VM comes back under the same node name, never as a second node.
+# The node's CPUs, sockets and cores are what slurmd detects.
 set -eu
 
-# The [link:NAME] of the host that runs slurmctld, as site.conf names it.
-CONTROLLER_LINK=${SLURM_CONTROLLER_LINK:-batch-master}
+# The [link:NAME] of the host that runs slurmctld, as site.conf names it: edit
+# this line if yours has another name.
+CONTROLLER_LINK=batch-master
 # Features the node offers; jobs ask for them with --constraint.
 FEATURES="cloud,$DYNFARM_PROVIDER"
 
@@ -47,16 +49,20 @@ running() {   # PID NAME
 stop() {   # PIDFILE NAME
     pid=$(cat "$1" 2>/dev/null) || return 0
     running "$pid" "$2" || return 0
-    kill "$pid"
+    kill "$pid" 2>/dev/null || return 0
     i=0
     while running "$pid" "$2" && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 }
 
-conf="CPUs=$DYNFARM_CORES RealMemory=$DYNFARM_MEMORY_MB Feature=$FEATURES"
+conf="Feature=$FEATURES"
+# RealMemory is what the node offers jobs; without it Slurm counts 1 MB.
+[ -z "${DYNFARM_MEMORY_MB:-}" ] || conf="RealMemory=$DYNFARM_MEMORY_MB $conf"
 
 if [ -d /run/systemd/system ]; then
     # Debian's slurmd.service wants /etc/slurm/slurm.conf, which a configless
-    # node has not: this drop-in lifts that condition and names the node.
+    # node has not: this drop-in lifts that condition and names the node. Not
+    # enabled: started at boot, before the VPN, it would only retry; this
+    # script starts it once the tunnel is up.
     mkdir -p /etc/systemd/system/slurmd.service.d
     cat > /etc/systemd/system/slurmd.service.d/dynfarm.conf <<UNIT
 [Unit]
@@ -64,11 +70,17 @@ ConditionPathExists=
 [Service]
 ExecStart=
 ExecStart=/usr/sbin/slurmd -D -s -Z -N $DYNFARM_NAME --conf-server $controller --conf "$conf"
+Restart=on-failure
 UNIT
     systemctl daemon-reload
+    systemctl disable -q slurmd 2>/dev/null || true
     systemctl restart munge
     systemctl restart slurmd
+    sleep 1
+    systemctl is-active -q slurmd || die "slurmd did not stay up: journalctl -u slurmd"
 else
+    # Without systemd (containers, and the tests): the default pid files and
+    # spool directory (SlurmdPidFile, SlurmdSpoolDir) are assumed.
     stop /run/munge/munged.pid munged
     # what the packages' units and tmpfiles would make
     install -d -o munge -g munge -m 0755 /run/munge
