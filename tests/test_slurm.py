@@ -170,10 +170,18 @@ def test_a_retired_vm_cannot_come_back_and_its_address_goes_to_the_next(cluster)
     name, address = farm.host_of("vm3")
     done = cluster.dynfarm_as_slurm_client("retire", name, check=False)
     assert done.returncode == 2 and f"{name} was retired" in done.stderr
-    booted = reboot(farm, "vm3")   # its certificate is on the CRL, its key refused
+    booted = reboot(farm, "vm3")   # its key is refused ...
     assert booted.returncode != 0
     log = read(farm.world.vm_path("vm3", "/var/log/dynfarm-client.log"))
     assert "retired" in log, log[-2000:]
+    # ... and its certificate, if it tries the tunnel on its own, is on the CRL
+    farm.world.run("vm3", ["openvpn", "--daemon", "retired", "--config", "/var/lib/dynfarm/openvpn.conf",
+                           "--log", "/tmp/retired-vpn.log"])
+    vpn_log = os.path.join(farm.dir, "vpn-aruba.log")
+    wait_for(lambda: f"certificate revoked: CN={name}" in read(vpn_log), "the VPN server refusing it")
+    assert address not in farm.world.run("vm3", ["ip", "-o", "addr"]).stdout
+    assert "Initialization Sequence Completed" not in read(farm.world.vm_path("vm3", "/tmp/retired-vpn.log"))
+    farm.world.crash("vm3")
     # the same VM as a new machine (a fresh key) is the next new VM
     farm.world.run("vm3", ["find", "/var/lib/dynfarm", "-mindepth", "1", "-delete"])
     bootstrap_all(farm, vms=["vm3"])
