@@ -139,9 +139,14 @@ class Overtaken(Fatal):
 ECHO_COMMANDS = False
 
 
+# Control characters a client sent (in a path, an error echoing a value)
+# must not reach the admin's terminal or split a log line.
+LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
 def log(message):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    sys.stderr.write(f"{stamp} dynfarm: {message}\n")
+    sys.stderr.write(f"{stamp} dynfarm: {message.translate(LOG_ESCAPES)}\n")
     sys.stderr.flush()
 
 
@@ -355,9 +360,9 @@ def load_config(path):
         kind, _, name = section.partition(":")
         if section in ("site", "batch"):
             continue
-        if kind == "provider" and PROVIDER_RE.match(name):
+        if kind == "provider" and PROVIDER_RE.fullmatch(name):
             providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path)
-        elif kind == "link" and LINK_RE.match(name):
+        elif kind == "link" and LINK_RE.fullmatch(name):
             links[name] = parse_link(name, section_values(parser, section, LINK_KEYS, path), len(links), path)
         elif kind in ("provider", "link"):
             raise UsageError(f"{path}: [{section}]: bad name '{name}' (provider: lowercase letters and digits, "
@@ -891,11 +896,24 @@ def host_name(provider, seq):
 
 # === PKI ===
 
+BASE64_TEXT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/= \t\r\n")
+
+
 def pem_to_der(text, label):
-    match = re.fullmatch(rf"\s*-----BEGIN {label}-----\s+([A-Za-z0-9+/=\s]+?)\s*-----END {label}-----\s*", text)
-    if not match:
+    """The DER inside one PEM block. Plain string operations, linear in the
+    input: a regular expression here once backtracked for minutes on a
+    header followed by spaces, holding the interpreter lock."""
+    begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    body = text.strip()
+    if not (body.startswith(begin) and body.endswith(end)) or len(body) < len(begin) + len(end):
         raise ValueError(f"not a PEM {label.lower()}")
-    return base64.b64decode("".join(match.group(1).split()), validate=True)
+    inner = body[len(begin):len(body) - len(end)]
+    if not set(inner) <= BASE64_TEXT:
+        raise ValueError(f"not a PEM {label.lower()}")
+    try:
+        return base64.b64decode("".join(inner.split()), validate=True)
+    except ValueError:      # binascii.Error: bad padding
+        raise ValueError(f"not a PEM {label.lower()}: bad base64")
 
 
 def der_element(buf, pos):
@@ -913,6 +931,29 @@ def der_element(buf, pos):
     if pos + length > len(buf):
         raise ValueError("truncated DER")
     return tag, pos, pos + length
+
+
+def der_check(buf, start, end, depth=0):
+    """Raise ValueError unless buf[start:end] is DER elements all the way down:
+    single-byte tags, minimal lengths, every constructed one well formed too.
+    Depth is bounded: a request is 8 KiB at most, its nesting a handful."""
+    if depth > 12:
+        raise ValueError("DER nested too deep")
+    while start < end:
+        tag = buf[start]
+        if tag & 0x1F == 0x1F:
+            raise ValueError("multi-byte DER tag")
+        if start + 1 < end and buf[start + 1] & 0x80:
+            count = buf[start + 1] & 0x7F
+            first = buf[start + 2] if start + 2 < end else 0
+            if first == 0 or (count == 1 and first < 0x80):
+                raise ValueError("DER length not minimal")
+        _, body, after = der_element(buf, start)
+        if after > end:
+            raise ValueError("truncated DER")
+        if tag & 0x20:
+            der_check(buf, body, after, depth + 1)
+        start = after
 
 
 def der_children(buf, start, end):
@@ -945,6 +986,159 @@ def public_key_of(der, index):
     if tag != 0x30 or len(fields) <= index or fields[index][0] != 0x30:
         raise ValueError("no public key where one belongs")
     return der[fields[index][1]:fields[index][2]]
+
+
+# The keys and signatures the CA certifies. OIDs as their DER (06 len bytes).
+OID_RSA = bytes.fromhex("06092a864886f70d010101")
+OID_EC = bytes.fromhex("06072a8648ce3d0201")
+OID_ED25519 = bytes.fromhex("06032b6570")
+CURVES = {   # named curve OID: (name, field prime p, b of y^2 = x^3 - 3x + b, bytes per coordinate)
+    bytes.fromhex("06082a8648ce3d030107"): ("P-256",
+        0xffffffff00000001000000000000000000000000ffffffffffffffffffffffff,
+        0x5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b, 32),
+    bytes.fromhex("06052b81040022"): ("P-384",
+        2**384 - 2**128 - 2**96 + 2**32 - 1,
+        0xb3312fa7e23ee7e4988e056be3f82d19181d9c6efe8141120314088f5013875ac656398d8a2ed19d2a85c8edd3ec2aef, 48),
+    bytes.fromhex("06052b81040023"): ("P-521", 2**521 - 1,
+        0x051953eb9618e1c9a1f929a21a0b68540eea2da725b99b315f3b8b489918ef109e156193951ec7e937b1652c0bd3bb1bf073573df883d2c34f1ef451fd46b503f00, 66),
+}
+SIGNATURES = {   # signature algorithm OID: the key type it goes with (no MD5, no SHA-1)
+    bytes.fromhex("06092a864886f70d01010b"): OID_RSA,      # sha256WithRSAEncryption
+    bytes.fromhex("06092a864886f70d01010c"): OID_RSA,      # sha384WithRSAEncryption
+    bytes.fromhex("06092a864886f70d01010d"): OID_RSA,      # sha512WithRSAEncryption
+    bytes.fromhex("06082a8648ce3d040302"): OID_EC,         # ecdsa-with-SHA256
+    bytes.fromhex("06082a8648ce3d040303"): OID_EC,         # ecdsa-with-SHA384
+    bytes.fromhex("06082a8648ce3d040304"): OID_EC,         # ecdsa-with-SHA512
+    OID_ED25519: OID_ED25519,
+}
+ED25519_P = 2**255 - 19
+ED25519_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+KEY_POLICY = "RSA of 2048 bits or more, EC on P-256, P-384 or P-521, or Ed25519"
+SUBJECT_STRINGS = {0x0C, 0x13, 0x16}     # UTF8String, PrintableString, IA5String
+
+
+def check_csr(csr_pem):
+    """The key_id of a CSR that openssl can read and the CA may sign: strict
+    DER, a subject of readable strings, a key of the policy (KEY_POLICY,
+    points on their curve), a signature algorithm of that key with a
+    signature of the right shape. ValueError says what is wrong. Whether
+    the signature verifies is openssl's check, when it signs."""
+    der = pem_to_der(csr_pem, "CERTIFICATE REQUEST")
+    tag, start, end = der_element(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a DER certificate request")
+    der_check(der, start, end)
+    parts = der_children(der, start, end)
+    if [t for t, _, _ in parts] != [0x30, 0x30, 0x03]:
+        raise ValueError("not a certificate request (info, algorithm, signature)")
+    info = der_children(der, der_element(der, parts[0][1])[1], parts[0][2])
+    if [t for t, _, _ in info] != [0x02, 0x30, 0x30, 0xA0] or der[info[0][1]:info[0][2]] != b"\x02\x01\x00":
+        raise ValueError("not a version 1 certificate request")
+    check_subject(der, info[1])
+    spki = der[info[2][1]:info[2][2]]
+    key_type = check_public_key(spki)
+    algorithm = der_children(der, der_element(der, parts[1][1])[1], parts[1][2])
+    oid = der[algorithm[0][1]:algorithm[0][2]] if algorithm else b""
+    if SIGNATURES.get(oid) != key_type:
+        raise ValueError("signature algorithm not accepted for this key (SHA-256 or better, of the key's type)")
+    check_signature_shape(der, parts[2], key_type, spki)
+    return key_id(spki)
+
+
+def element_value(der, element):
+    """The contents of a (tag, start, end) element."""
+    _, body, end = der_element(der, element[1])
+    return der[body:end]
+
+
+def check_subject(der, name):
+    for rdn in der_children(der, der_element(der, name[1])[1], name[2]):
+        for attribute in der_children(der, der_element(der, rdn[1])[1], rdn[2]):
+            pair = der_children(der, der_element(der, attribute[1])[1], attribute[2])
+            if len(pair) != 2 or pair[0][0] != 0x06 or pair[1][0] not in SUBJECT_STRINGS:
+                raise ValueError("subject: expected OID = UTF8String, PrintableString or IA5String")
+            value = element_value(der, pair[1])
+            try:
+                value.decode("utf-8" if pair[1][0] == 0x0C else "ascii")
+            except UnicodeDecodeError:
+                raise ValueError("subject: a string that is not what its type says")
+
+
+def bit_string_bytes(der, element):
+    value = element_value(der, element)
+    if element[0] != 0x03 or not value or value[0] != 0:
+        raise ValueError("bad BIT STRING")
+    return value[1:]
+
+
+def check_public_key(spki):
+    """The key's algorithm OID, if the key is one the policy accepts."""
+    top = der_children(spki, der_element(spki, 0)[1], len(spki))
+    if len(top) != 2 or top[0][0] != 0x30:
+        raise ValueError("bad public key")
+    algorithm = der_children(spki, der_element(spki, top[0][1])[1], top[0][2])
+    oid = spki[algorithm[0][1]:algorithm[0][2]] if algorithm else b""
+    params = spki[algorithm[1][1]:algorithm[1][2]] if len(algorithm) > 1 else None
+    key = bit_string_bytes(spki, top[1])
+    if oid == OID_RSA and params == b"\x05\x00":
+        numbers = der_children(key, der_element(key, 0)[1], len(key)) if key[:1] == b"\x30" else []
+        if [t for t, _, _ in numbers] != [0x02, 0x02]:
+            raise ValueError("bad RSA key")
+        n, e = (int.from_bytes(element_value(key, x), "big", signed=True) for x in numbers)
+        if not (2048 <= n.bit_length() <= 16384 and n % 2 and 3 <= e < n and e % 2):
+            raise ValueError(f"RSA key of {max(n.bit_length(), 0)} bits or a bad exponent; {KEY_POLICY} accepted")
+    elif oid == OID_EC and params in CURVES:
+        check_ec_point(key, *CURVES[params])
+    elif oid == OID_ED25519 and params is None:
+        check_ed25519_point(key)
+    else:
+        raise ValueError(f"key type not accepted; {KEY_POLICY} accepted")
+    return oid
+
+
+def check_ec_point(point, name, p, b, size):
+    """A point on the curve (uncompressed, or compressed with an x that has a y)."""
+    if point[:1] == b"\x04" and len(point) == 1 + 2 * size:
+        x, y = int.from_bytes(point[1:1 + size], "big"), int.from_bytes(point[1 + size:], "big")
+        if x < p and y < p and (y * y - (x * x * x - 3 * x + b)) % p == 0:
+            return
+    elif point[:1] in (b"\x02", b"\x03") and len(point) == 1 + size:
+        x = int.from_bytes(point[1:], "big")
+        rhs = (x * x * x - 3 * x + b) % p
+        if x < p and (rhs == 0 or pow(rhs, (p - 1) // 2, p) == 1):
+            return
+    raise ValueError(f"EC public key: not a point on {name}")
+
+
+def check_ed25519_point(key):
+    """32 bytes that decode to a point: y < p and (y^2 - 1) / (d y^2 + 1) a square."""
+    if len(key) == 32:
+        y = int.from_bytes(key, "little") & ((1 << 255) - 1)
+        sign = key[31] >> 7
+        p = ED25519_P
+        if y < p:
+            x2 = (y * y - 1) * pow(ED25519_D * y * y + 1, p - 2, p) % p
+            if (x2 == 0 and not sign) or (x2 and pow(x2, (p - 1) // 2, p) == 1):
+                return
+    raise ValueError("Ed25519 public key: not a point")
+
+
+def check_signature_shape(der, signature, key_type, spki):
+    """A signature of the size the key makes: truncated ones are refused here."""
+    value = bit_string_bytes(der, signature)
+    if key_type == OID_ED25519:
+        ok = len(value) == 64
+    elif key_type == OID_RSA:
+        modulus = der_children(spki, der_element(spki, 0)[1], len(spki))[1]
+        key = bit_string_bytes(spki, modulus)
+        n = int.from_bytes(element_value(key, der_children(key, der_element(key, 0)[1], len(key))[0]), "big")
+        ok = len(value) == (n.bit_length() + 7) // 8
+    else:
+        pair = der_children(value, der_element(value, 0)[1], len(value)) if value[:1] == b"\x30" else []
+        ok = der_element(value, 0)[2] == len(value) and [t for t, _, _ in pair] == [0x02, 0x02] \
+            and all(int.from_bytes(element_value(value, x), "big", signed=True) > 0 for x in pair)
+    if not ok:
+        raise ValueError("signature of the wrong size or shape for its key")
 
 
 def cert_expires(cert_pem):
@@ -1029,8 +1223,12 @@ class PKI:
         done = run(argv, input=csr_pem.encode(), check=False)
         if done.returncode != 0:
             detail = done.stderr.decode(errors="replace").strip().splitlines()
-            raise Fatal(f"openssl could not sign (dynfarm needs OpenSSL 3.0 or newer): "
-                        f"{detail[-1] if detail else 'exit %d' % done.returncode}")
+            detail = detail[-1] if detail else f"exit {done.returncode}"
+            # check_csr lets through only what openssl should read; if it
+            # cannot, the request is at fault (400), else the CA is (500).
+            if run(["openssl", "req", "-in", "/dev/stdin", "-noout"], input=csr_pem.encode(), check=False).returncode:
+                raise CSRRejected(f"certificate request rejected: openssl cannot read it ({detail})")
+            raise Fatal(f"openssl could not sign (dynfarm needs OpenSSL 3.0 or newer): {detail}")
         if b"verify OK" not in done.stderr:
             raise CSRRejected("certificate request rejected: its signature does not verify")
         certificate = done.stdout.decode()
@@ -2163,15 +2361,54 @@ class SourceCache:
         return entry
 
 
+MAX_JSON_DEPTH = 8
+
+
 def parse_json(body):
+    """A request body: a JSON object of finite numbers and real strings (no
+    lone surrogates), nested MAX_JSON_DEPTH deep at most."""
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        value = json.loads(body, parse_constant=refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestError(400, "body is not valid JSON")
     if not isinstance(value, dict):
         raise RequestError(400, "body must be a JSON object")
+    check_json_values(value)
     return value
 
+
+def refuse_constant(name):
+    raise ValueError(f"{name} is not a number")
+
+
+def check_json_values(value):
+    """Walk the parsed body (iteratively: no recursion for a client to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(400, f"body nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                check_json_string(key)
+                stack.append((inner, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((inner, depth + 1) for inner in item)
+        elif isinstance(item, str):
+            check_json_string(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise RequestError(400, "numbers must be finite")
+
+
+def check_json_string(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, "strings must be Unicode text (a lone surrogate is not)")
+
+
+# What a machine can have: values past these are not facts.
+FACT_RANGES = {"cores": (1, 65536), "memory_mb": (1, 2**32)}
 
 ENROLL_FIELDS = {
     # name: (type, required, max length)
@@ -2217,37 +2454,46 @@ def validate_enroll_request(fields):
         raise RequestError(400, "field 'machine_id' has characters outside [A-Za-z0-9_.-]")
     if not HOSTNAME_RE.fullmatch(fields["hostname"]):
         raise RequestError(400, "field 'hostname' is not a host name")
-    for name, kind in (("cores", int), ("memory_mb", int)):
-        if name in fields["facts"] and (not isinstance(fields["facts"][name], kind)
-                                        or isinstance(fields["facts"][name], bool)):
-            raise RequestError(400, f"fact '{name}' must be an integer")
-    if "provider" in fields and not PROVIDER_RE.match(fields["provider"]):
+    for name, (low, high) in FACT_RANGES.items():
+        value = fields["facts"].get(name, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise RequestError(400, f"fact '{name}' must be an integer from {low} to {high}")
+    if "provider" in fields and not PROVIDER_RE.fullmatch(fields["provider"]):
         raise RequestError(400, "field 'provider' is not a provider name")
     for key in fields["host_keys"]:
         if not isinstance(key, str) or len(key) > 2048 or not HOST_KEY_RE.fullmatch(key):
             raise RequestError(400, "field 'host_keys' must hold 'TYPE BASE64' ssh public keys")
     for name, value in fields["facts"].items():
-        if len(name) > 32 or not isinstance(value, (str, int, float)) or len(str(value)) > 256 \
-                or (isinstance(value, float) and not math.isfinite(value)):
-            raise RequestError(400, "field 'facts' must map short names to short values")
+        if len(name) > 32 or not printable(name) or not isinstance(value, (str, int, float)) \
+                or isinstance(value, bool) or (isinstance(value, int) and abs(value) > 2**53) \
+                or (isinstance(value, str) and (len(value) > 256 or not printable(value))):
+            raise RequestError(400, "field 'facts' must map short names to short printable values")
     return fields
 
 
+def printable(text):
+    """No control characters: facts end up in the admin's terminal."""
+    return text.isprintable()
+
+
 def csr_key_id(csr_pem):
-    """key_id of a request's CSR; a malformed CSR is the client's error."""
+    """key_id of a request's CSR, checked (check_csr) before anything is spent on it."""
     try:
-        return key_id(csr_public_key(csr_pem))
-    except ValueError as e:
-        raise RequestError(400, f"field 'csr': {e}")
+        return check_csr(csr_pem)
+    except (ValueError, IndexError) as e:
+        raise RequestError(400, f"field 'csr': {e}" if isinstance(e, ValueError) else "field 'csr': malformed")
 
 
 REPORT_FIELDS = {"ok": (bool, True, 0), "steps": (list, True, 256), "ready_seconds": (float, True, 0)}
 
 
 def validate_report(fields):
-    if isinstance(fields.get("ready_seconds"), int):
-        fields["ready_seconds"] = float(fields["ready_seconds"])
+    seconds = fields.get("ready_seconds")
+    if isinstance(seconds, int) and not isinstance(seconds, bool) and abs(seconds) <= 2**53:
+        fields["ready_seconds"] = float(seconds)
     validate_fields(fields, REPORT_FIELDS)
+    if not 0 <= fields["ready_seconds"] <= 86400:
+        raise RequestError(400, "field 'ready_seconds' must be from 0 to 86400")
     for step in fields["steps"]:
         if not isinstance(step, dict) or len(json.dumps(step)) > 1024:
             raise RequestError(400, "field 'steps' must hold small objects")
@@ -2348,8 +2594,12 @@ def parse_head(head):
         method, target, version = lines[0].split(" ")
     except ValueError:
         raise RequestError(400, "malformed request line")
-    if not version.startswith("HTTP/1."):
-        raise RequestError(400, "only HTTP/1.x is spoken here")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise RequestError(400, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+    if not method.isascii() or not method.isalpha() or not method.isupper():
+        raise RequestError(400, "malformed request method")
+    if not target.startswith("/") or not target.isascii() or not target.isprintable():
+        raise RequestError(400, "malformed request target")
     path = target.split("?")[0]
     lengths = [line.split(":", 1)[1].strip() for line in lines[1:] if line[:15].lower() == "content-length:"]
     if not lengths and method != "POST":
@@ -2593,6 +2843,8 @@ def server_tls_context(config):
     # the two TLS 1.3 tickets per connection would be made and parsed for
     # nothing: 0.13 ms of server and as much of client CPU per handshake.
     ctx.num_tickets = 0
+    # A client asking to renegotiate makes the server redo a handshake's work.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     return ctx
 
 

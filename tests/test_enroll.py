@@ -363,7 +363,14 @@ def test_a_bad_request_carrying_an_enrolled_key_changes_nothing(app, make_csr):
 @pytest.mark.parametrize("facts, message", [
     ({"memory_mb": "4096"}, "fact 'memory_mb' must be an integer"),
     ({"cores": True}, "fact 'cores' must be an integer"),
-    ({"load": float("nan")}, "short values"),
+    ({"cores": -1}, "fact 'cores' must be an integer from 1 to 65536"),
+    ({"cores": 10**200}, "fact 'cores' must be an integer from 1"),
+    ({"memory_mb": -1}, "fact 'memory_mb' must be an integer from 1"),
+    ({"load": float("nan")}, "body is not valid JSON"),
+    ({"load": float("inf")}, "body is not valid JSON"),
+    ({"os": "Debian\x1b[2J"}, "short printable values"),
+    ({"uptime": 10**60}, "short printable values"),
+    ({"x\ud800": 1}, "lone surrogate"),
 ])
 def test_fact_types_are_checked(app, make_csr, facts, message):
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)

@@ -46,11 +46,30 @@ def test_a_certificate_for_another_key_is_refused(site, make_csr, monkeypatch):
         pki.sign_client(csr, "aruba-0042", dynfarm.new_serial())
 
 
-def test_openssl_failure_is_not_blamed_on_the_request(site, make_csr, monkeypatch):
+def failing_signing(monkeypatch, request_readable):
+    """openssl fails to sign; asked on its own, it reads the request, or not."""
+    real_run = dynfarm.run
+
+    def run(argv, **kw):
+        if "-x509" in argv:
+            return subprocess.CompletedProcess(argv, 1, b"", b"req: Unknown option: -CA\n")
+        if not request_readable:
+            return subprocess.CompletedProcess(argv, 1, b"", b"unable to load X509 request\n")
+        return real_run(argv, **kw)
+    monkeypatch.setattr(dynfarm, "run", run)
+
+
+def test_openssl_failure_is_not_blamed_on_a_request_it_can_read(site, make_csr, monkeypatch):
     _, _, pki = site
-    monkeypatch.setattr(dynfarm, "run", lambda argv, **kw: subprocess.CompletedProcess(
-        argv, 1, b"", b"req: Unknown option: -CA\n"))
+    failing_signing(monkeypatch, request_readable=True)
     with pytest.raises(dynfarm.Fatal, match="needs OpenSSL 3.0 or newer.*Unknown option: -CA"):
+        pki.sign_client(make_csr()[1], "aruba-0001", dynfarm.new_serial())
+
+
+def test_a_request_openssl_cannot_read_is_the_requests_fault(site, make_csr, monkeypatch):
+    _, _, pki = site
+    failing_signing(monkeypatch, request_readable=False)
+    with pytest.raises(dynfarm.CSRRejected, match="openssl cannot read it"):
         pki.sign_client(make_csr()[1], "aruba-0001", dynfarm.new_serial())
 
 

@@ -208,6 +208,13 @@ def test_a_client_trickling_bytes_is_cut_off_at_the_deadline(server):
     (b"GET /v1/health HTTP/1.0\r\nX-Big: " + b"a" * (dynfarm.MAX_HEAD + 1) + b"\r\n\r\n", 400),
     (b"POST /v1/enroll HTTP/1.0\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 411),
     (b"POST /v1/enroll HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411),
+    (b"GET /v1/health HTTP/1.2\r\n\r\n", 400),
+    (b"GET /v1/health HTTP/1.\r\n\r\n", 400),
+    (b"get /v1/health HTTP/1.0\r\n\r\n", 400),
+    (b"G\x1bT /v1/health HTTP/1.0\r\n\r\n", 400),
+    (b"GET v1/health HTTP/1.0\r\n\r\n", 400),
+    (b"GET /v1/\x1b[2Jhealth HTTP/1.0\r\n\r\n", 400),
+    (b"GET /v1/\xe9 HTTP/1.0\r\n\r\n", 400),
 ])
 def test_bad_request_heads(server, head, status):
     httpd, ctx, store = server
@@ -392,3 +399,14 @@ def test_the_open_files_limit_is_raised_as_far_as_allowed():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.abspath(dynfarm.__file__)))
     assert done.stdout.split("\n")[:2] == ["(2048, 4096)", "(4096, 4096)"]
+
+
+def test_control_characters_from_a_client_are_escaped_in_the_log(capsys):
+    dynfarm.log("203.0.113.9: POST /v1/\x1b[2J\rfake line -> 404")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b[2J\\x0dfake line" in err
+
+
+def test_the_server_refuses_renegotiation(site):
+    ctx = dynfarm.server_tls_context(site[0])
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
