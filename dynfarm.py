@@ -656,9 +656,6 @@ class Store:
     def token(self, token_id):
         return self.db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
 
-    def give_back_token_use(self, token_id):
-        self.db.execute("UPDATE tokens SET uses_left = uses_left + 1 WHERE id = ?", (token_id,))
-
     def spend_token(self, token_id, now):
         """Take one use if the token is still valid; False if it is not."""
         return self.db.execute("UPDATE tokens SET uses_left = uses_left - 1 "
@@ -678,12 +675,12 @@ class Store:
     def address_taken(self, address):
         return self.db.execute("SELECT 1 FROM hosts WHERE address = ?", (address,)).fetchone() is not None
 
-    def next_seq(self, provider):
-        """The lowest number no host of the provider has: a retired host's name is free again."""
+    def next_seq(self, provider, above=0):
+        """The lowest number above `above` no host of the provider has: a retired host's name is free again."""
         row = self.db.execute(
-            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM hosts WHERE provider = ?1 AND seq = 1) THEN 1 "
-            "ELSE (SELECT MIN(seq) + 1 FROM hosts AS h WHERE provider = ?1 AND NOT EXISTS "
-            "(SELECT 1 FROM hosts WHERE provider = ?1 AND seq = h.seq + 1)) END", (provider,)).fetchone()
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM hosts WHERE provider = ?1 AND seq = ?2 + 1) THEN ?2 + 1 "
+            "ELSE (SELECT MIN(seq) + 1 FROM hosts AS h WHERE provider = ?1 AND seq > ?2 AND NOT EXISTS "
+            "(SELECT 1 FROM hosts WHERE provider = ?1 AND seq = h.seq + 1)) END", (provider, above)).fetchone()
         return row[0]
 
     def add_host(self, name, provider, seq, address, pubkey_sha256, enrollment):
@@ -693,12 +690,6 @@ class Store:
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (name, provider, seq, address, pubkey_sha256) + enrollment)
 
-    def delete_reservation(self, name, serial):
-        """Delete a new host's row while it holds this serial, unrevoked; False
-        if it does not (a revoked row stays, to keep refusing its machine)."""
-        return self.db.execute("DELETE FROM hosts WHERE name = ? AND serial = ? AND revoked_at IS NULL",
-                               (name, serial)).rowcount == 1
-
     def record_enrollment(self, name, pubkey_sha256, enrollment):
         """False if the host is revoked, or gone (its name maybe another
         machine's since): then nothing is recorded."""
@@ -707,11 +698,6 @@ class Store:
             "client_version = ?, enrolled_at = ?, last_seen = ? "
             "WHERE name = ? AND pubkey_sha256 = ? AND revoked_at IS NULL",
             enrollment + (name, pubkey_sha256)).rowcount == 1
-
-    def holds(self, name, serial):
-        """Does the host's row still hold this serial, unrevoked?"""
-        return self.db.execute("SELECT 1 FROM hosts WHERE name = ? AND serial = ? AND revoked_at IS NULL",
-                               (name, serial)).fetchone() is not None
 
     def record_report(self, name, report):
         self.db.execute("UPDATE hosts SET report = ?, last_seen = ? WHERE name = ?",
@@ -2037,37 +2023,68 @@ class Request:
     peer_key: str   # key_id of that certificate's public key
 
 
-# What an enrollment holds between its reservation (under the write lock)
-# and its answer: the serial it signs with, and for a new host the token
-# whose use it spent (None for a host already enrolled).
-Reservation = collections.namedtuple("Reservation", "provider name address serial token_id created")
+# What an enrollment holds while it is signed: the serial it signs with, and
+# for a new host (created) its number and the token whose use it will spend
+# (seq and token_id are None for a host already enrolled).
+Reservation = collections.namedtuple("Reservation", "provider name seq address serial token_id created")
+
+
+class Holds:
+    """What the enrollments being signed hold, in this process: the new
+    hosts' names and addresses, the keys of their machines, their token
+    uses. Only the server enrolls, so these and the database together say
+    what is taken."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.names, self.addresses, self.keys = set(), set(), set()
+        self.uses = collections.Counter()
+
+    def take(self, held, pubkey):
+        self.names.add(held.name)
+        self.addresses.add(held.address)
+        self.keys.add(pubkey)
+        self.uses[held.token_id] += 1
+
+    def let_go(self, held, pubkey):
+        with self.changed:
+            self.names.discard(held.name)
+            self.addresses.discard(held.address)
+            self.keys.discard(pubkey)
+            self.uses[held.token_id] -= 1
+            if not self.uses[held.token_id]:
+                del self.uses[held.token_id]
+            self.changed.notify_all()
 
 
 class App:
     """The enrollment service: a callable Request -> (status, body, headers).
 
-    Enrollments overlap: a host's row is reserved, or found, under sqlite's
-    write lock, and its certificate is signed outside it (a few ms of
-    openssl each). What makes that safe is one invariant:
+    Enrollments overlap: each certificate is signed outside any lock (a
+    few ms of openssl). One invariant makes that safe:
 
-        a certificate leaves only if, after signing, its row still holds
+        a certificate leaves only if, after signing, its host's row holds
         its serial, unrevoked.
 
-    A new host's row holds the serial from its reservation on, so a revoke
-    meanwhile lists the certificate about to be issued; a known host's row
-    takes the new serial only after signing, by a write that finds it
-    unrevoked, so a revoke meanwhile lists the certificate it uses. A row's
-    life, and the answer an enrollment still signing gets:
+    A new machine's name, address and token use are held in memory (Holds)
+    while it is signed; its row is written after, by the transaction that
+    spends the token use. So a request refused at signing, or a crash,
+    leaves nothing in the database, and a host in it always has a
+    certificate. A second request of that machine waits for the first. A
+    known host's row takes its new serial after signing, by a write that
+    finds it unrevoked, so a revoke meanwhile lists the certificate it
+    uses. An enrollment's life, and its answer:
 
-        reserved    a new machine: name, address, the serial being signed,
-                    a token use spent                      (signing)
-        stands      signed, and the row holds the serial    200, the certificate
-        released    a new host's signing failed: the row,   409: enroll again (the
-                    its ccd entry and its token use undone  name may be another's)
-        revoked     'revoke': kept, to refuse the machine;  403; its ccd entry goes
-                    its serial is on the CRL
-        overtaken   a newer enrollment of the same machine  409: the newer answer
-                    recorded its own serial                 stands
+        held        a new machine: name, address and a token    (signing)
+                    use held in memory, nothing written
+        stands      signed; the row written (a new host, its     200, the certificate
+                    token use spent) or updated (a known one)
+        refused     the request or its signing failed, or the    4xx; nothing changed
+                    token lapsed meanwhile: the holds let go
+        revoked     'revoke' of a known host while it signed     403; its ccd entry goes
+        overtaken   a newer enrollment of the same machine       409: the newer answer
+                    recorded its own serial                      stands
+        retired     'retire' took the known host's row away      409
     """
 
     def __init__(self, config):
@@ -2078,6 +2095,7 @@ class App:
         self.source = read_own_source()
         self.version = hashlib.sha256(self.source).hexdigest()
         self.free_from = {}    # provider -> lowest address number that may be free
+        self.holds = Holds()
         self.retired_seen = 0  # the last retired row whose address free_from took into account
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
@@ -2119,37 +2137,63 @@ class App:
         pubkey = csr_key_id(fields["csr"])
         enrollment = enrollment_record(new_serial(), fields["machine_id"], fields["hostname"],
                                        fields["host_keys"], fields["facts"], version)
-        held = self.reserve(request, fields, pubkey, enrollment)
+        held = self.reserve(request, fields, pubkey, enrollment.serial)
+        if held.created:
+            return self.enroll_new_host(request, fields, held, pubkey, enrollment)
+        certificate = self.pki.sign_client(fields["csr"], held.name, held.serial)
+        write_ccd(self.config, held.provider, held.name, held.address)
+        if not self.enrollment_stands(held, pubkey, enrollment):
+            raise self.overtaken(held, pubkey)
+        log(f"{request.peer_ip}: enrolled {held.name} at {held.address} (again)")
+        return 200, self.enrollment_answer(held, certificate), {}
+
+    def enroll_new_host(self, request, fields, held, pubkey, enrollment):
+        """Sign, then write the row and spend the token use; whatever fails, let the holds go."""
+        written = False
         try:
             certificate = self.pki.sign_client(fields["csr"], held.name, held.serial)
             write_ccd(self.config, held.provider, held.name, held.address)
-            stands = self.enrollment_stands(held, pubkey, enrollment)
-        except BaseException:
-            if held.created:
-                self.release(held)
-            raise
-        if not stands:
-            raise self.overtaken(held, pubkey)
-        log(f"{request.peer_ip}: enrolled {held.name} at {held.address}" + ("" if held.created else " (again)"))
+            written = self.record_new_host(held, pubkey, enrollment)
+            if not written:
+                check_token(self.store, fields["token"])    # raises, saying why
+                raise RequestError(401, "invalid enrollment token")
+        finally:
+            if not written:
+                remove_ccd(self.config, held.provider.name, held.name)
+                number = int(ipaddress.IPv4Address(held.address))
+                self.free_from[held.provider.name] = min(self.free_from.get(held.provider.name, number), number)
+            self.holds.let_go(held, pubkey)
+        log(f"{request.peer_ip}: enrolled {held.name} at {held.address}")
         return 200, self.enrollment_answer(held, certificate), {}
 
-    def reserve(self, request, fields, pubkey, enrollment):
-        """The Reservation: a known host's, or a new host's row made (BEGIN IMMEDIATE: read under the lock)."""
-        with self.store.transaction():
+    def reserve(self, request, fields, pubkey, serial, wait=30.0):
+        """The Reservation: a known host's, or a new host's name, address and token use held."""
+        with self.holds.changed:
+            # The same machine's other request is being signed: its outcome decides what this one is.
+            if not self.holds.changed.wait_for(lambda: pubkey not in self.holds.keys, wait):
+                raise RequestError(409, "another enrollment of this machine is still being signed; retry")
             provider, known, token_id = self.identify(request, fields, pubkey)
             if known is not None:
-                return Reservation(provider, known["name"], known["address"], enrollment.serial, None, False)
-            if not self.store.spend_token(token_id, time.time()):
-                check_token(self.store, fields.get("token", ""))   # raises, saying why
-                raise RequestError(401, "invalid enrollment token")
-            name, address = self.create_host(provider, pubkey, enrollment)
-            self.store.record_certificate(enrollment.serial, pubkey, name)
-            return Reservation(provider, name, address, enrollment.serial, token_id, True)
+                return Reservation(provider, known["name"], None, known["address"], serial, None, False)
+            if check_token(self.store, fields["token"])["uses_left"] <= self.holds.uses[token_id]:
+                raise RequestError(401, "enrollment token used up by the enrollments being signed; "
+                                        "make a new one with 'dynfarm.py token PROVIDER'")
+            seq, address = self.free_host(provider)
+            held = Reservation(provider, host_name(provider.name, seq), seq, address, serial, token_id, True)
+            self.holds.take(held, pubkey)
+            return held
+
+    def record_new_host(self, held, pubkey, enrollment):
+        """Write a signed new host's row and spend its token use; False if the token lapsed meanwhile."""
+        with self.store.transaction():
+            if not self.store.spend_token(held.token_id, time.time()):
+                return False
+            self.store.add_host(held.name, held.provider.name, held.seq, held.address, pubkey, enrollment)
+            self.store.record_certificate(held.serial, pubkey, held.name)
+            return True
 
     def enrollment_stands(self, held, pubkey, enrollment):
-        """The invariant, checked: a new host's row still holds its serial; a known host's takes it now."""
-        if held.created:
-            return self.store.holds(held.name, held.serial)
+        """The invariant, checked: a known host's row takes the signed serial if it still may."""
         with self.store.transaction():
             if not self.store.record_enrollment(held.name, pubkey, enrollment):
                 return False
@@ -2157,32 +2201,19 @@ class App:
             return True
 
     def overtaken(self, held, pubkey):
-        """The error for a signed enrollment whose row changed meanwhile (revoked, released, overtaken)."""
+        """The error for a known host's signed enrollment whose row changed meanwhile (revoked, retired, overtaken)."""
         row = self.store.host(held.name)
         ours = row is not None and row["pubkey_sha256"] == pubkey
         if ours and row["revoked_at"] is None:
             return RequestError(409, f"host {held.name} enrolled again while this request was signed; "
                                      "the newer answer stands")
         if row is None or ours:
-            # The release (or revoke) removed the ccd entry, maybe before our
+            # The retire (or revoke) removed the ccd entry, maybe before our
             # write; a name given to another machine since has its entry now.
             remove_ccd(self.config, held.provider.name, held.name)
         if ours:
             return RequestError(403, f"host {held.name} is revoked")
-        return RequestError(409, f"host {held.name} was released while this request was signed; enroll again")
-
-    def release(self, held):
-        """Undo a new host's reservation after a failure, unless a revoke or a newer enrollment took the row."""
-        with self.store.transaction():
-            # Under the write lock, so that no new host takes the name between
-            # the removal of its ccd entry and of its row.
-            row = self.store.host(held.name)
-            if row is None or row["revoked_at"] is not None or row["serial"] == held.serial:
-                remove_ccd(self.config, held.provider.name, held.name)
-            if self.store.delete_reservation(held.name, held.serial):
-                self.store.give_back_token_use(held.token_id)
-                number = int(ipaddress.IPv4Address(held.address))
-                self.free_from[held.provider.name] = min(self.free_from.get(held.provider.name, 0), number)
+        return RequestError(409, f"host {held.name} was retired while this request was signed")
 
     def identify(self, request, fields, pubkey):
         """(provider, enrolled host or None, token id or None); refuses whoever may not enroll.
@@ -2239,10 +2270,11 @@ class App:
             raise RequestError(403, f"host {host['name']} is revoked")
         return host
 
-    def create_host(self, provider, pubkey, enrollment):
-        """(name, address) of a new host's row, made with this enrollment in it."""
+    def free_host(self, provider):
+        """(number, address) for a new host: free in the database and not held."""
         seq = self.store.next_seq(provider.name)
-        name = host_name(provider.name, seq)
+        while host_name(provider.name, seq) in self.holds.names:
+            seq = self.store.next_seq(provider.name, above=seq)
         # Addresses below free_from are taken (this process gave them out,
         # and 'retire' in another process frees them), so the search starts
         # there: one lookup per enrollment, not a scan.
@@ -2250,11 +2282,11 @@ class App:
             number = int(ipaddress.IPv4Address(freed))
             self.free_from[provider_name] = min(self.free_from.get(provider_name, number), number)
             self.retired_seen = rowid
-        address = allocate_address(provider, segment(self.config, provider), self.store.address_taken,
+        address = allocate_address(provider, segment(self.config, provider),
+                                   lambda a: a in self.holds.addresses or self.store.address_taken(a),
                                    self.free_from.get(provider.name, 0))
         self.free_from[provider.name] = int(ipaddress.IPv4Address(address)) + 1
-        self.store.add_host(name, provider.name, seq, address, pubkey, enrollment)
-        return name, address
+        return seq, address
 
     def enrollment_answer(self, held, certificate):
         provider = held.provider
@@ -2600,6 +2632,8 @@ def parse_head(head):
         raise RequestError(400, "malformed request method")
     if not target.startswith("/") or not target.isascii() or not target.isprintable():
         raise RequestError(400, "malformed request target")
+    if not all(line.replace("\t", " ").isprintable() for line in lines[1:]):
+        raise RequestError(400, "control characters in a header")
     path = target.split("?")[0]
     lengths = [line.split(":", 1)[1].strip() for line in lines[1:] if line[:15].lower() == "content-length:"]
     if not lengths and method != "POST":

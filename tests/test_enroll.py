@@ -396,17 +396,15 @@ def test_revoked_host_cannot_re_enroll_and_is_in_the_crl(app, make_csr, capsys):
     assert serial in crl.replace(":", "").upper()
 
 
-def revoke_while_signing(app, monkeypatch, then_fail=False):
-    """Make the next signing run the real 'revoke' command on its host (and
-    then fail, if asked); the list it returns gets the serial signed."""
+def revoke_while_signing(app, monkeypatch, expect=0):
+    """Make the next signing run the real 'revoke' command on its host first
+    (it must exit `expect`); the list it returns gets the serial signed."""
     sign, signed = app.pki.sign_client, []
 
     def sign_then_revoke(csr_pem, host, serial):
         certificate = sign(csr_pem, host, serial)
         signed.append(serial)
-        assert dynfarm.main(["-c", app.config.path, "revoke", host]) == 0
-        if then_fail:
-            raise dynfarm.Fatal("openssl could not sign: test")
+        assert dynfarm.main(["-c", app.config.path, "revoke", host]) == expect
         return certificate
     monkeypatch.setattr(app.pki, "sign_client", sign_then_revoke)
     return signed
@@ -424,127 +422,118 @@ def test_a_revoke_landing_while_a_host_re_enrolls_wins_and_lists_its_live_certif
     assert crl_serials(app.config) == {cert_serial(first["certificate"])}
 
 
-def test_a_revoke_of_a_new_host_while_signing_keeps_its_row_and_token_use(app, make_csr, monkeypatch):
+def test_a_new_host_is_not_in_the_database_until_signed(app, make_csr, monkeypatch, capsys):
+    """Its name is only held while it is signed: a revoke of it finds no host,
+    and the enrollment stands."""
     token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
-    signed = revoke_while_signing(app, monkeypatch)
+    revoke_while_signing(app, monkeypatch, expect=2)
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
-    assert status == 403 and "revoked" in answer["error"]
-    (host,) = app.store.hosts()
-    assert host["revoked_at"] is not None      # not released: the revoke stands
+    assert status == 200 and answer["name"] == "aruba-0001"
+    assert "no host named aruba-0001" in capsys.readouterr().err
+    assert app.store.host("aruba-0001")["serial"] == cert_serial(answer["certificate"])
     assert dynfarm.check_token(app.store, token)["uses_left"] == 1
-    assert not os.path.exists(app.config.state.ccd_entry("aruba", host["name"]))
-    assert crl_serials(app.config) == set(signed)
 
 
-def test_a_revoke_of_a_new_host_stands_when_its_signing_then_fails(app, make_csr, monkeypatch):
-    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
-    key, csr = make_csr()
-    revoke_while_signing(app, monkeypatch, then_fail=True)
-    with pytest.raises(dynfarm.Fatal):
-        call(app, "/v1/enroll", enroll_body(token, csr))
-    (host,) = app.store.hosts()
-    assert host["revoked_at"] is not None
-    assert dynfarm.check_token(app.store, token)["uses_left"] == 1
-    assert not os.path.exists(app.config.state.ccd_entry("aruba", host["name"]))
-    monkeypatch.undo()
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
-    assert status == 403 and "revoked" in answer["error"]
-
-
-def test_revoking_a_host_released_since_it_was_read_is_an_error(app, make_csr, monkeypatch, capsys):
-    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
-    name = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"]
-    row = app.store.host(name)
-    with app.store.transaction():
-        app.store.db.execute("DELETE FROM hosts WHERE name = ?", (name,))
-    monkeypatch.setattr(dynfarm.Store, "host", lambda self, wanted: row)   # read before the release
-    assert dynfarm.main(["-c", app.config.path, "revoke", name]) == 2
-    assert "no host named" in capsys.readouterr().err
-    monkeypatch.undo()
-    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
-    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"] == name   # the name, reused
-    monkeypatch.setattr(dynfarm.Store, "host", lambda self, wanted: row)
-    assert dynfarm.main(["-c", app.config.path, "revoke", name]) == 2
-    monkeypatch.undo()
-    assert app.store.host(name)["revoked_at"] is None          # the machine that has the name now is not hit
-
-
-# --- a retry of the same machine while its enrollment is signed -------------------
-
-def retry_while_signing(app, monkeypatch, token, key, then_fail):
-    """Make the next signing let the same machine enroll again first (a retry
-    finds the reserved row and takes it over), then fail or go on; the list
-    it returns gets the retry's answer."""
-    sign, answers = app.pki.sign_client, []
-
-    def sign_after_a_retry(csr_pem, host, serial):
-        monkeypatch.setattr(app.pki, "sign_client", sign)
-        answers.append(call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x"))))
-        if then_fail:
-            raise dynfarm.Fatal("openssl: no answer after 120s")
-        return sign(csr_pem, host, serial)
-    monkeypatch.setattr(app.pki, "sign_client", sign_after_a_retry)
-    return answers
-
-
-def test_a_failed_enrollment_leaves_the_row_a_retry_took_over(app, make_csr, monkeypatch):
-    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
-    key, csr = make_csr()
-    answers = retry_while_signing(app, monkeypatch, token, key, then_fail=True)
-    with pytest.raises(dynfarm.Fatal):
-        call(app, "/v1/enroll", enroll_body(token, csr))
-    status, retry, _ = answers[0]
-    assert status == 200 and retry["name"] == "aruba-0001"
-    assert app.store.host("aruba-0001")["serial"] == cert_serial(retry["certificate"])
-    assert os.path.exists(app.config.state.ccd_entry("aruba", "aruba-0001"))
-    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]["name"] == "aruba-0002"
-
-
-def test_an_enrollment_overtaken_by_a_retry_does_not_hand_out_its_certificate(app, make_csr, monkeypatch):
-    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
-    key, csr = make_csr()
-    answers = retry_while_signing(app, monkeypatch, token, key, then_fail=False)
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, csr))
-    assert status == 409 and "enrolled again" in answer["error"]
-    retry = answers[0][1]
-    assert app.store.host("aruba-0001")["serial"] == cert_serial(retry["certificate"])
-    assert os.path.exists(app.config.state.ccd_entry("aruba", "aruba-0001"))
-
-
-def test_a_retry_does_not_take_over_the_machine_its_name_went_to(app, make_csr, monkeypatch):
-    """M1's first request fails and releases its name while M1's retry signs;
-    M3 gets the name. The retry must not record itself over M3's row."""
-    token, _ = dynfarm.new_token(app.store, "aruba", 3, 60)
-    key1, csr1 = make_csr()
-    csr3 = make_csr()[1]
-    real, calls, lock = app.pki.sign_client, [], threading.Lock()
-    first_signing, may_fail, released, answers = (threading.Event(), threading.Event(), threading.Event(), {})
-
-    def sign(csr_pem, name, serial):
-        with lock:
-            calls.append(name)
-            turn = len(calls)
-        if turn == 1:                       # M1's first request: wait, then fail
-            first_signing.set()
-            may_fail.wait(10)
-            raise dynfarm.Fatal("openssl: no answer after 120s")
-        if turn == 2:                       # M1's retry: let the first fail, M3 enroll, then go on
-            may_fail.set()
-            released.wait(10)
-            answers["m3"] = call(app, "/v1/enroll", enroll_body(token, csr3))
-        return real(csr_pem, name, serial)
+def failing_signing(app, monkeypatch, error=dynfarm.Fatal("openssl: no answer after 120s")):
+    def sign(csr_pem, host, serial):
+        raise error
     monkeypatch.setattr(app.pki, "sign_client", sign)
 
-    def first():
+
+@pytest.mark.parametrize("error", [dynfarm.Fatal("openssl: no answer after 120s"),
+                                   dynfarm.CSRRejected("certificate request rejected: its signature does not verify")])
+def test_a_failed_signing_leaves_nothing_behind(app, make_csr, monkeypatch, error):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    before, files = db_snapshot(app.store), os.listdir(app.config.state.ccd_dir("aruba"))
+    failing_signing(app, monkeypatch, error)
+    if isinstance(error, dynfarm.CSRRejected):      # the request's fault
+        assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 400
+    else:                                           # the server's: the transport answers 500
         with pytest.raises(dynfarm.Fatal):
-            call(app, "/v1/enroll", enroll_body(token, csr1))
-        released.set()
-    worker = threading.Thread(target=first)
+            call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert db_snapshot(app.store) == before
+    assert os.listdir(app.config.state.ccd_dir("aruba")) == files
+    monkeypatch.undo()
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))   # the name, address, use: free
+    assert (status, answer["name"], answer["address"]) == (200, "aruba-0001", "10.8.0.2")
+
+
+def test_a_token_cancelled_while_its_enrollment_is_signed_gets_no_certificate_out(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    sign = app.pki.sign_client
+
+    def sign_while_the_token_expires(csr_pem, host, serial):
+        with app.store.transaction():
+            app.store.db.execute("UPDATE tokens SET expires_at = 0")
+        return sign(csr_pem, host, serial)
+    monkeypatch.setattr(app.pki, "sign_client", sign_while_the_token_expires)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert status == 401 and "expired" in answer["error"]
+    assert app.store.hosts() == []
+    assert not os.path.exists(app.config.state.ccd_entry("aruba", "aruba-0001"))
+
+
+def test_the_last_token_use_is_not_held_twice(app, make_csr, monkeypatch):
+    """Two machines sign at once on a token with one use left: one gets it."""
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    sign, second = app.pki.sign_client, []
+
+    def sign_while_another_asks(csr_pem, host, serial):
+        second.append(call(app, "/v1/enroll", enroll_body(token, make_csr()[1])))
+        return sign(csr_pem, host, serial)
+    monkeypatch.setattr(app.pki, "sign_client", sign_while_another_asks)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert status == 200 and answer["name"] == "aruba-0001"
+    assert second[0][0] == 401 and "used up" in second[0][1]["error"]
+    assert len(app.store.hosts()) == 1
+
+
+def signing_in_a_thread(app, token, csr, release):
+    """Start an enrollment whose signing waits for `release`; (thread, answers, signing started)."""
+    sign, started, answers = app.pki.sign_client, threading.Event(), []
+
+    def slow_sign(csr_pem, host, serial):
+        if threading.current_thread() is worker:
+            started.set()
+            assert release.wait(10)
+        return sign(csr_pem, host, serial)
+    app.pki.sign_client = slow_sign
+    worker = threading.Thread(target=lambda: answers.append(call(app, "/v1/enroll", enroll_body(token, csr))))
     worker.start()
-    assert first_signing.wait(10)
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key1, "x")))
+    assert started.wait(10)
+    return worker, answers
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+def test_a_retry_of_the_same_machine_waits_for_its_first_request(app, make_csr, first_fails):
+    """While a new machine's first request is signed, its retry waits: then it
+    re-enrolls the host the first made, or enrolls afresh if the first failed."""
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    key, csr = make_csr()
+    release = threading.Event()
+    worker, first = signing_in_a_thread(app, token, tamper(csr) if first_fails else csr, release)
+    retry = []
+    retrying = threading.Thread(target=lambda: retry.append(
+        call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))))
+    retrying.start()
+    retrying.join(0.5)
+    assert retrying.is_alive()                   # waiting, not racing
+    release.set()
     worker.join(10)
-    assert answers["m3"][0] == 200 and answers["m3"][1]["name"] == "aruba-0001"
-    assert status == 409 and "released" in answer["error"]
-    assert app.store.host("aruba-0001")["serial"] == cert_serial(answers["m3"][1]["certificate"])
-    assert app.store.host("aruba-0001")["pubkey_sha256"] == dynfarm.csr_key_id(csr3)
+    retrying.join(10)
+    assert first[0][0] == (400 if first_fails else 200)
+    status, answer, _ = retry[0]
+    assert status == 200 and answer["name"] == "aruba-0001"
+    assert app.store.host("aruba-0001")["serial"] == cert_serial(answer["certificate"])
+    assert dynfarm.check_token(app.store, token)["uses_left"] == 1
+
+
+def test_other_machines_do_not_wait_and_get_other_names(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 3, 60)
+    release = threading.Event()
+    worker, first = signing_in_a_thread(app, token, make_csr()[1], release)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert (status, answer["name"], answer["address"]) == (200, "aruba-0002", "10.8.0.3")
+    release.set()
+    worker.join(10)
+    assert first[0][1]["name"] == "aruba-0001" and first[0][1]["address"] == "10.8.0.2"
