@@ -113,11 +113,16 @@ class UsageError(Fatal):
 
 
 class RequestError(Exception):
-    """A request the enrollment service refuses: HTTP status and one clear line."""
+    """A request the enrollment service refuses: HTTP status and one clear
+    line (and, for a challenge, the nonce to answer it with)."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, nonce=None):
         super().__init__(message)
         self.status = status
+        self.nonce = nonce
+
+    def answer(self):
+        return {"error": str(self)} if self.nonce is None else {"error": str(self), "nonce": self.nonce}
 
 
 class CSRRejected(Exception):
@@ -126,6 +131,15 @@ class CSRRejected(Exception):
 
 class ServerUnreachable(Exception):
     """The client found nobody answering at the enrollment URL."""
+
+
+class Challenged(Fatal):
+    """The server wants a fresh proof that this machine holds its key: a CSR
+    naming the nonce it sent."""
+
+    def __init__(self, message, nonce):
+        super().__init__(message)
+        self.nonce = nonce
 
 
 class Overtaken(Fatal):
@@ -1035,6 +1049,24 @@ def element_value(der, element):
     """The contents of a (tag, start, end) element."""
     _, body, end = der_element(der, element[1])
     return der[body:end]
+
+
+OID_COMMON_NAME = bytes.fromhex("0603550403")
+NONCE_PREFIX = "nonce:"    # CN holds 64 characters at most: this and 44 of nonce
+
+
+def csr_common_name(csr_pem):
+    """The CN of a CSR's subject ('' if none); only for a CSR check_csr passed."""
+    der = pem_to_der(csr_pem, "CERTIFICATE REQUEST")
+    _, start, end = der_element(der, 0)
+    info = der_children(der, start, end)[0]
+    name = der_children(der, der_element(der, info[1])[1], info[2])[1]
+    for rdn in der_children(der, der_element(der, name[1])[1], name[2]):
+        for attribute in der_children(der, der_element(der, rdn[1])[1], rdn[2]):
+            oid, value = der_children(der, der_element(der, attribute[1])[1], attribute[2])
+            if der[oid[1]:oid[2]] == OID_COMMON_NAME:
+                return element_value(der, value).decode("utf-8")
+    return ""
 
 
 def check_subject(der, name):
@@ -2057,6 +2089,44 @@ class Holds:
             self.changed.notify_all()
 
 
+class Nonces:
+    """Fresh proofs of possession: a machine already enrolled that comes
+    without its certificate must send a CSR naming a nonce the server gave
+    out, once, within NONCE_TTL. A nonce is the time, a random part and
+    their HMAC under a key this process made, so handing one out stores
+    nothing; a spent one is kept until it would have expired anyway."""
+
+    TTL = 300
+
+    def __init__(self):
+        self.key = secrets.token_bytes(32)
+        self.spent = {}        # nonce -> when it expires
+        self.lock = threading.Lock()
+
+    def new(self):
+        text = f"{int(time.time())}.{secrets.token_hex(4)}"
+        return f"{text}.{self.mac(text)}"
+
+    def mac(self, text):
+        return hmac.new(self.key, text.encode(), "sha256").hexdigest()[:24]
+
+    def spend(self, nonce):
+        """True once for a nonce of ours that has not expired."""
+        stamp, _, rest = nonce.partition(".")
+        random_part, _, mac = rest.partition(".")
+        if not (stamp.isdigit() and len(stamp) <= 12 and hmac.compare_digest(mac, self.mac(f"{stamp}.{random_part}"))):
+            return False
+        now = time.time()
+        expires = int(stamp) + self.TTL
+        with self.lock:
+            for old in [n for n, at in self.spent.items() if at < now]:
+                del self.spent[old]
+            if expires < now or nonce in self.spent:
+                return False
+            self.spent[nonce] = expires
+        return True
+
+
 class App:
     """The enrollment service: a callable Request -> (status, body, headers).
 
@@ -2096,6 +2166,7 @@ class App:
         self.version = hashlib.sha256(self.source).hexdigest()
         self.free_from = {}    # provider -> lowest address number that may be free
         self.holds = Holds()
+        self.nonces = Nonces()
         self.retired_seen = 0  # the last retired row whose address free_from took into account
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
@@ -2113,7 +2184,7 @@ class App:
         try:
             return route(request)
         except RequestError as e:
-            return e.status, {"error": str(e)}, {}
+            return e.status, e.answer(), {}
         except CSRRejected as e:
             return 400, {"error": str(e)}, {}
 
@@ -2231,6 +2302,8 @@ class App:
             known = self.store.host_by_key(pubkey) if pubkey else None
             if pubkey and known is None:
                 self.refuse_retired(pubkey)
+            if known is not None:
+                self.check_fresh_proof(fields["csr"])
         if known is not None:
             if known["revoked_at"] is not None:
                 raise RequestError(403, f"host {known['name']} is revoked")
@@ -2253,6 +2326,14 @@ class App:
         if not any(source in net for net in provider.networks):
             raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
         return provider, known, token_id
+
+    def check_fresh_proof(self, csr_pem):
+        """A CSR is no proof by itself (it can be replayed): an enrolled
+        machine without its certificate must sign a nonce of ours."""
+        name = csr_common_name(csr_pem)
+        if not (name.startswith(NONCE_PREFIX) and self.nonces.spend(name[len(NONCE_PREFIX):])):
+            raise RequestError(401, "this machine is enrolled: prove it holds its key with a certificate "
+                                    f"request whose subject is CN={NONCE_PREFIX}NONCE", nonce=self.nonces.new())
 
     def refuse_retired(self, pubkey):
         """403 if this key belonged to a host that was retired."""
@@ -3102,6 +3183,10 @@ class Client:
             request["provider"] = self.provider
         try:
             answer = self.call("POST", "/v1/enroll", request)
+        except Challenged as e:
+            # Enrolled already (an answer lost on the way): prove it holds its key.
+            request["csr"] = make_csr(self.key_path, NONCE_PREFIX + e.nonce)
+            answer = self.call("POST", "/v1/enroll", request)
         except Overtaken as e:
             say(f"{e}; enrolling again")        # the race is lost once, not twice in a row
             answer = self.call("POST", "/v1/enroll", request)
@@ -3137,11 +3222,13 @@ class Client:
                 return raw if path == "/v1/client" else json.loads(raw)
         except urllib.error.HTTPError as e:
             try:
-                message = json.loads(e.read()).get("error", "")
+                answer = json.loads(e.read())
             except ValueError:
-                message = ""
-            raise (Overtaken if e.code == 409 else Fatal)(f"{self.server} refused {path}: {e.code} "
-                                                          f"{message or e.reason}")
+                answer = {}
+            message = f"{self.server} refused {path}: {e.code} {answer.get('error') or e.reason}"
+            if e.code == 401 and isinstance(answer.get("nonce"), str):
+                raise Challenged(message, answer["nonce"])
+            raise (Overtaken if e.code == 409 else Fatal)(message)
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, ssl.SSLCertVerificationError):

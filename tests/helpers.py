@@ -85,6 +85,11 @@ def enroll_body(token, csr, **extra):
     return body
 
 
+def fresh_csr(app, key):
+    """What an enrolled machine sends without its certificate: a CSR naming a nonce of the app's."""
+    return dynfarm.make_csr(key, dynfarm.NONCE_PREFIX + app.nonces.new())
+
+
 def call(app, path, body, peer_ip="127.0.0.1", method="POST", peer=("", "")):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return app(dynfarm.Request(method, path, raw, peer_ip, *peer))

@@ -11,11 +11,12 @@ import io
 import itertools
 import json
 import os
+import urllib.parse
 
 import pytest
 
 import dynfarm
-from helpers import call, enroll_body
+from helpers import call, cert_serial, enroll_body
 
 
 # --- talking to the server --------------------------------------------------------
@@ -199,3 +200,40 @@ def test_an_expired_client_certificate_is_not_presented(app, make_csr, client, m
     assert client.certificate_usable()
     monkeypatch.setattr(dynfarm.time, "time", lambda: 4102444800.0)      # 2100
     assert not client.certificate_usable()
+
+
+# --- proving an enrolled key --------------------------------------------------------
+
+class Answer(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def talking_to(app, client, monkeypatch):
+    """Route the client's HTTPS calls to the app, in-process."""
+    def urlopen(request, timeout, context):
+        path = urllib.parse.urlparse(request.full_url).path
+        status, answer, _ = call(app, path, request.data or b"", method=request.get_method())
+        body = json.dumps(answer).encode()
+        if status >= 400:
+            raise dynfarm.urllib.error.HTTPError(request.full_url, status, "refused", {}, io.BytesIO(body))
+        return Answer(body)
+    monkeypatch.setattr(dynfarm.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(client, "tls_context", lambda: None)
+
+
+def test_a_lost_first_answer_is_recovered_by_proving_the_key(app, client, monkeypatch):
+    """The server enrolled the machine but its answer never arrived; the token
+    is spent. The retry is challenged, signs the nonce, and gets its host back."""
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    client.token = token
+    os.makedirs(client.dir, exist_ok=True)
+    client.ensure_key()
+    lost = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(client.key_path, "dynfarm-client")))[1]
+    talking_to(app, client, monkeypatch)
+    answer = client.enroll()
+    assert (answer["name"], answer["address"]) == (lost["name"], lost["address"])
+    assert app.store.host(lost["name"])["serial"] == cert_serial(answer["certificate"])

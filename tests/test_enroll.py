@@ -18,7 +18,7 @@ import time
 import pytest
 
 import dynfarm
-from helpers import VERSION, call, cert_serial, crl_serials, db_snapshot, enroll_body, tamper
+from helpers import VERSION, call, cert_serial, crl_serials, db_snapshot, enroll_body, fresh_csr, tamper
 
 
 # --- tokens -----------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_same_machine_gets_same_name_and_address(app, make_csr):
     key, csr = make_csr()
     first = call(app, "/v1/enroll", enroll_body(token, csr))[1]
     # the token is used up now: the same key still comes back to its record
-    again = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    again = call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))
     assert again[0] == 200 and (again[1]["name"], again[1]["address"]) == (first["name"], first["address"])
     _, other_csr = make_csr()
     refused = call(app, "/v1/enroll", enroll_body(token, other_csr))
@@ -274,10 +274,10 @@ def test_token_of_one_provider_cannot_join_another(app, make_csr):
 def test_enrolled_machine_cannot_move_to_another_provider(app, make_csr):
     aruba, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
     other, _ = dynfarm.new_token(app.store, "other", 1, 60)
-    csr = make_csr()[1]
+    key, csr = make_csr()
     assert call(app, "/v1/enroll", enroll_body(aruba, csr))[0] == 200
     before = db_snapshot(app.store)
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(other, csr, provider="other"))
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(other, fresh_csr(app, key), provider="other"))
     assert status == 403 and "machine is enrolled with provider aruba, not other" in answer["error"]
     assert db_snapshot(app.store) == before
 
@@ -354,7 +354,7 @@ def test_a_bad_request_carrying_an_enrolled_key_changes_nothing(app, make_csr):
     key, csr = make_csr()
     assert call(app, "/v1/enroll", enroll_body(token, csr))[0] == 200
     before = db_snapshot(app.store)
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, tamper(dynfarm.make_csr(key, "x")),
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, tamper(fresh_csr(app, key)),
                                                             hostname="other", facts={"cores": 64}))
     assert status == 400 and "signature does not verify" in answer["error"]
     assert db_snapshot(app.store) == before
@@ -387,7 +387,7 @@ def test_revoked_host_cannot_re_enroll_and_is_in_the_crl(app, make_csr, capsys):
     answer = call(app, "/v1/enroll", enroll_body(token, csr))[1]
     assert dynfarm.main(["-c", app.config.path, "revoke", answer["name"]]) == 0
     assert not os.path.exists(app.config.state.ccd_entry("aruba", answer["name"]))
-    status, err, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    status, err, _ = call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))
     assert status == 403 and "revoked" in err["error"]
     crl = subprocess.run(["openssl", "crl", "-in", app.config.state.crl, "-noout", "-text"],
                          capture_output=True, text=True).stdout
@@ -415,7 +415,7 @@ def test_a_revoke_landing_while_a_host_re_enrolls_wins_and_lists_its_live_certif
     key, csr = make_csr()
     first = call(app, "/v1/enroll", enroll_body(token, csr))[1]
     revoke_while_signing(app, monkeypatch)
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))
     assert status == 403 and "revoked" in answer["error"]
     assert not os.path.exists(app.config.state.ccd_entry("aruba", first["name"]))
     # The certificate the machine holds is the one to refuse, not the one never handed out.
@@ -514,7 +514,7 @@ def test_a_retry_of_the_same_machine_waits_for_its_first_request(app, make_csr, 
     worker, first = signing_in_a_thread(app, token, tamper(csr) if first_fails else csr, release)
     retry = []
     retrying = threading.Thread(target=lambda: retry.append(
-        call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))))
+        call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))))
     retrying.start()
     retrying.join(0.5)
     assert retrying.is_alive()                   # waiting, not racing
@@ -537,3 +537,53 @@ def test_other_machines_do_not_wait_and_get_other_names(app, make_csr):
     release.set()
     worker.join(10)
     assert first[0][1]["name"] == "aruba-0001" and first[0][1]["address"] == "10.8.0.2"
+
+
+# --- replays: a CSR is no proof of possession by itself ---------------------------
+
+def test_a_replayed_first_enrollment_is_challenged_and_changes_nothing(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 5, 60)
+    key, csr = make_csr()
+    captured = enroll_body(token, csr)
+    assert call(app, "/v1/enroll", captured)[0] == 200
+    before = db_snapshot(app.store)
+    for replay in (captured, dict(captured, host_keys=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEvil"])):
+        status, answer, _ = call(app, "/v1/enroll", replay)
+        assert status == 401 and "prove it holds its key" in answer["error"] and answer["nonce"]
+    assert db_snapshot(app.store) == before
+
+
+def test_a_replayed_proof_is_refused_and_the_host_s_own_next_boot_works(app, make_csr):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    first = call(app, "/v1/enroll", enroll_body(token, csr))[1]
+    proof = enroll_body(token, fresh_csr(app, key))
+    assert call(app, "/v1/enroll", proof)[0] == 200
+    before = db_snapshot(app.store)
+    status, answer, _ = call(app, "/v1/enroll", proof)          # the nonce is spent
+    assert status == 401 and answer["nonce"]
+    assert db_snapshot(app.store) == before
+    # the next boot presents its certificate: a live proof, no nonce needed
+    host = app.store.host(first["name"])
+    status, again, _ = call(app, "/v1/enroll", enroll_body("", dynfarm.make_csr(key, "x")),
+                            peer=(first["name"], host["pubkey_sha256"]))
+    assert status == 200 and again["name"] == first["name"]
+
+
+@pytest.mark.parametrize("nonce", ["", "1.2.3", "not a nonce", "99999999999999.00000000." + "0" * 24])
+def test_a_nonce_the_server_did_not_give_is_refused(app, make_csr, nonce):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    call(app, "/v1/enroll", enroll_body(token, csr))
+    status, _, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, dynfarm.NONCE_PREFIX + nonce)))
+    assert status == 401
+
+
+def test_a_nonce_expires(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 600)
+    key, csr = make_csr()
+    call(app, "/v1/enroll", enroll_body(token, csr))
+    late = fresh_csr(app, key)
+    now = time.time()
+    monkeypatch.setattr(dynfarm.time, "time", lambda: now + dynfarm.Nonces.TTL + 1)
+    assert call(app, "/v1/enroll", enroll_body(token, late))[0] == 401

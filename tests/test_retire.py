@@ -13,7 +13,7 @@ import os
 import pytest
 
 import dynfarm
-from helpers import SITE_CONF, call, cert_serial, crl_serials, enroll_body, write_site
+from helpers import SITE_CONF, call, cert_serial, crl_serials, enroll_body, fresh_csr, write_site
 
 # idle: exit 0 once the file idle-HOST exists, 1 until then.
 BATCH = """
@@ -62,7 +62,7 @@ def test_retire_drains_waits_removes_then_revokes_and_frees_the_name_and_address
     app, hooks = batch_site
     (key, first), _ = enroll(app, make_csr, 2)
     pubkey = app.store.host("aruba-0001")["pubkey_sha256"]
-    again = call(app, "/v1/enroll", enroll_body("", dynfarm.make_csr(key, "x")))[1]    # a reboot: a second certificate
+    again = call(app, "/v1/enroll", enroll_body("", fresh_csr(app, key)))[1]    # a reboot: a second certificate
     (hooks / "idle-aruba-0001").touch()
     code, out, err = retire(app, capsys, "aruba-0001")
     assert code == 0, err
@@ -78,10 +78,10 @@ def test_retire_drains_waits_removes_then_revokes_and_frees_the_name_and_address
     assert cert_serial(newcomer["certificate"]) not in crl_serials(app.config)
     # ... and the retired machine cannot come back, even with a valid token.
     token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
-    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "x")))
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))
     assert status == 403 and "retired" in answer["error"]
     # nor with its old certificate (a later boot), whose name now belongs to another
-    status, answer, _ = call(app, "/v1/enroll", enroll_body("", dynfarm.make_csr(key, "x")),
+    status, answer, _ = call(app, "/v1/enroll", enroll_body("", fresh_csr(app, key)),
                              peer=("aruba-0001", pubkey))
     assert status == 403 and answer["error"] == "this machine was retired (as aruba-0001); it cannot enroll again"
 
