@@ -374,6 +374,9 @@ def load_config(path):
         kind, _, name = section.partition(":")
         if section in ("site", "batch"):
             continue
+        if kind == "provider" and name in TOKEN_ACTIONS:
+            raise UsageError(f"{path}: [{section}]: '{name}' is reserved ('dynfarm.py token {name}'); "
+                             "choose another provider name")
         if kind == "provider" and PROVIDER_RE.fullmatch(name):
             providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path)
         elif kind == "link" and LINK_RE.fullmatch(name):
@@ -670,6 +673,12 @@ class Store:
     def token(self, token_id):
         return self.db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
 
+    def tokens(self):
+        return self.db.execute("SELECT * FROM tokens ORDER BY created_at").fetchall()
+
+    def delete_token(self, token_id):
+        return self.db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 1
+
     def spend_token(self, token_id, now):
         """Take one use if the token is still valid; False if it is not."""
         return self.db.execute("UPDATE tokens SET uses_left = uses_left - 1 "
@@ -814,6 +823,8 @@ def open_store(config):
 
 # === Tokens ===
 
+TOKEN_ACTIONS = ("list", "revoke")     # 'token list', 'token revoke ID': no provider may be so named
+
 def new_token(store, provider, uses, ttl):
     """Make a token; only its hash is stored. Returns (token, expires_at)."""
     token_id = secrets.token_hex(6)
@@ -821,6 +832,25 @@ def new_token(store, provider, uses, ttl):
     expires_at = time.time() + ttl
     store.add_token(token_id, provider, hash_secret(secret), expires_at, uses)
     return f"{token_id}.{secret}", expires_at
+
+
+def token_rows(store, now=None):
+    """Every token, never its secret: id, provider, uses left, expiry, creation, state."""
+    now = now or time.time()
+    rows = []
+    for row in store.tokens():
+        state = "expired" if row["expires_at"] <= now else "used up" if row["uses_left"] <= 0 else "valid"
+        rows.append({"id": row["id"], "provider": row["provider"], "uses_left": row["uses_left"],
+                     "expires_at": row["expires_at"], "created_at": row["created_at"], "state": state})
+    return rows
+
+
+def revoke_token(store, token_id):
+    """Delete a token: whatever holds it enrolls nothing more, from now on."""
+    with store.transaction():
+        if not store.delete_token(token_id):
+            raise UsageError(f"no token {token_id!r} (see 'dynfarm.py token list')")
+    return f"token {token_id} revoked: it enrolls no machine from now on (hosts it enrolled stay)"
 
 
 def hash_secret(secret):
@@ -4059,11 +4089,37 @@ def cmd_vpn(args, config):
 
 
 def cmd_token(args, config):
+    if args.provider == "list":
+        return list_tokens(config, args.json)
+    if args.provider == "revoke":
+        if not args.token_id:
+            raise UsageError("token revoke: which token? give its ID (see 'dynfarm.py token list')")
+        print(revoke_token(open_store(config), args.token_id))
+        return 0
+    if args.token_id or args.json:
+        raise UsageError(f"token {args.provider}: makes a token; an ID or --json goes with 'token list' "
+                         "or 'token revoke'")
     provider = config.provider(args.provider)
     token, expires = new_token(open_store(config), provider.name, args.uses, parse_duration(args.ttl))
     print(token)
     sys.stderr.write(f"token for {provider.name}: {args.uses} enrollment(s), valid until "
                      f"{time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(expires))}\n")
+    return 0
+
+
+def list_tokens(config, as_json):
+    rows = token_rows(open_store(config))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        sys.stderr.write("no tokens\n")
+        return 0
+    for row in rows:
+        row["uses left"] = row["uses_left"]
+        row["expires"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["expires_at"]))
+        row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"]))
+    print(format_table(rows, ["id", "provider", "uses left", "expires", "created", "state"]))
     return 0
 
 
@@ -4175,10 +4231,18 @@ def build_parser():
     p = sub.add_parser("vpn", help="run a provider's OpenVPN server in the foreground")
     p.add_argument("provider")
     p.set_defaults(func=cmd_vpn)
-    for name, helptext in (("token", "print a new enrollment token for a provider"),
+    for name, helptext in (("token", "print a new enrollment token for a provider; or list or revoke tokens"),
                            ("bootstrap", "print the script (or cloud-init) that joins a fresh VM")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("provider")
+        if name == "token":
+            p.description = ("token PROVIDER prints a new token (stored hashed: shown once). token list shows "
+                             "every token (id, provider, uses left, expiry; never the secret); token revoke ID "
+                             "deletes one, so that a token leaked with its user-data enrolls nothing more.")
+            p.add_argument("provider", metavar="PROVIDER | list | revoke")
+            p.add_argument("token_id", nargs="?", metavar="ID", help="with revoke: the token's id (before the dot)")
+            p.add_argument("--json", action="store_true", help="with list: everything, as JSON")
+        else:
+            p.add_argument("provider")
         p.add_argument("--uses", type=positive_int, default=1, help="how many machines it may enroll (default 1)")
         p.add_argument("--ttl", default="24h", help="how long it is valid: 30m, 24h, 7d (default 24h)")
         if name == "bootstrap":

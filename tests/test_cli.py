@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import dynfarm
-from helpers import VERSION, call, enroll_body, known_hosts, write_site
+from helpers import SITE_CONF, VERSION, call, enroll_body, known_hosts, write_site
 
 
 # --- bootstrap --------------------------------------------------------------------
@@ -99,3 +99,47 @@ def test_verbose_echoes_every_external_command(tmp_path, capsys, monkeypatch):
     assert "[#] openssl genpkey -algorithm EC" in err and "[#] openvpn --genkey secret" in err
     assert dynfarm.main(["-c", path, "init"]) == 0
     assert "[#]" not in capsys.readouterr().err
+
+
+# --- tokens: listed without their secret, revoked at once ------------------------
+
+def test_token_list_shows_every_token_but_never_its_secret(app, capsys):
+    config = app.config
+    assert dynfarm.main(["-c", config.path, "token", "aruba", "--uses", "3", "--ttl", "7d"]) == 0
+    token = capsys.readouterr().out.strip()
+    token_id, secret = token.split(".")
+    assert dynfarm.main(["-c", config.path, "token", "list"]) == 0
+    table = capsys.readouterr().out
+    assert token_id in table and "aruba" in table and " 3 " in table and "valid" in table
+    assert dynfarm.main(["-c", config.path, "token", "list", "--json"]) == 0
+    text = capsys.readouterr().out
+    (row,) = json.loads(text)
+    assert (row["id"], row["provider"], row["uses_left"], row["state"]) == (token_id, "aruba", 3, "valid")
+    assert secret not in table + text and dynfarm.hash_secret(secret) not in table + text
+
+
+def test_a_revoked_token_enrolls_nothing_more(app, make_csr, capsys):
+    token, _ = dynfarm.new_token(app.store, "aruba", 5, 3600)
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 200
+    assert dynfarm.main(["-c", app.config.path, "token", "revoke", token.split(".")[0]]) == 0
+    assert "revoked" in capsys.readouterr().out
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert status == 401 and "invalid enrollment token" in answer["error"]
+    assert len(app.store.hosts()) == 1                       # the host it enrolled stays
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["token", "revoke"], "which token?"),
+    (["token", "revoke", "000000000000"], "no token '000000000000'"),
+    (["token", "aruba", "extra"], "goes with 'token list'"),
+    (["token", "aruba", "--json"], "goes with 'token list'"),
+])
+def test_token_usage_errors(site, capsys, argv, message):
+    assert dynfarm.main(["-c", site[0].path] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_provider_cannot_be_named_like_a_token_action(tmp_path):
+    path = write_site(str(tmp_path), SITE_CONF.replace("[provider:other]", "[provider:list]"))
+    with pytest.raises(dynfarm.UsageError, match="'list' is reserved"):
+        dynfarm.load_config(path)

@@ -587,3 +587,16 @@ def test_a_nonce_expires(app, make_csr, monkeypatch):
     now = time.time()
     monkeypatch.setattr(dynfarm.time, "time", lambda: now + dynfarm.Nonces.TTL + 1)
     assert call(app, "/v1/enroll", enroll_body(token, late))[0] == 401
+
+
+def test_a_token_revoked_while_its_enrollment_is_signed_gets_no_certificate_out(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 3, 60)
+    sign = app.pki.sign_client
+
+    def sign_while_revoked(csr_pem, host, serial):
+        assert dynfarm.main(["-c", app.config.path, "token", "revoke", token.split(".")[0]]) == 0
+        return sign(csr_pem, host, serial)
+    monkeypatch.setattr(app.pki, "sign_client", sign_while_revoked)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    assert status == 401 and "invalid enrollment token" in answer["error"]
+    assert app.store.hosts() == []
