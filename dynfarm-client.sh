@@ -12,7 +12,11 @@
 #      pinned to the site CA and checked against the X-Dynfarm-Sha256 header,
 #   5. runs `dynfarm.py client`, which enrolls (or re-enrolls) the VM, brings
 #      the VPN up and applies the provider's customization,
-# and exits with the client's exit code. Every line it says goes to stderr, to
+#   6. once the VM is enrolled, deletes the token from its settings: later
+#      boots prove themselves with the certificate,
+# and, from the start of every boot, keeps processes other than root's away
+# from the cloud's metadata service (169.254.169.254), where the user-data and
+# its token can be read; and exits with the client's exit code. Every line it says goes to stderr, to
 # the log file (with a timestamp) and to syslog (tag dynfarm-client).
 #
 # Exit codes: 0 success; 1 a step failed (lock held, install, fetch); 2 usage or
@@ -37,7 +41,8 @@ usage() {
         'The settings file holds KEY=value lines; the value may be wrapped in double' \
         'or single quotes; lines starting with # are comments; blank lines are' \
         'ignored. It is read, never sourced: nothing in it is executed. It holds the' \
-        'enrollment token, so keep it readable by root only (chmod 600).' \
+        'enrollment token until the VM is enrolled, so keep it readable by root' \
+        'only (chmod 600); once enrolled, the token line is deleted from it.' \
         '' \
         '  DYNFARM_SERVER    required: the enrollment server, https://HOST:PORT' \
         '  DYNFARM_CA        required: absolute path of the site CA certificate (PEM);' \
@@ -51,6 +56,9 @@ usage() {
         '  DYNFARM_WAIT      seconds a first boot keeps trying a server that does not' \
         '                    answer, for dynfarm.py and for the enrollment (default 300;' \
         '                    0 tries once); later boots use what they stored at once' \
+        '  DYNFARM_METADATA  closed (default): only root reaches 169.254.169.254, the' \
+        '                    metadata service that serves the user-data and its token' \
+        '                    (an iptables rule, made at every boot); open: leave it' \
         '' \
         'example:' \
         '  DYNFARM_SERVER=https://203.0.113.1:8443' \
@@ -157,6 +165,7 @@ read_settings() {
     cfg_state=''
     cfg_log=''
     cfg_wait=''
+    cfg_metadata=''
     rs_unknown=''
     rs_lineno=0
     while IFS= read -r rs_line || [ -n "$rs_line" ]; do
@@ -196,6 +205,7 @@ read_settings() {
             DYNFARM_STATE) cfg_state=$rs_value ;;
             DYNFARM_LOG) cfg_log=$rs_value ;;
             DYNFARM_WAIT) cfg_wait=$rs_value ;;
+            DYNFARM_METADATA) cfg_metadata=$rs_value ;;
             *)
                 case " $rs_unknown " in
                     *" $rs_key "*) ;;
@@ -211,6 +221,7 @@ read_settings() {
     : "${cfg_state:=/var/lib/dynfarm}"
     : "${cfg_log:=/var/log/dynfarm-client.log}"
     : "${cfg_wait:=300}"
+    : "${cfg_metadata:=closed}"
     check_settings
 }
 
@@ -238,6 +249,10 @@ check_settings() {
     if [ ! -f "$cfg_ca" ]; then
         err "$settings_file: DYNFARM_CA $cfg_ca does not exist; copy the site CA certificate there" 2
     fi
+    case "$cfg_metadata" in
+        closed | open) ;;
+        *) err "$settings_file: DYNFARM_METADATA must be closed or open, not '$cfg_metadata'" 2 ;;
+    esac
     case "$cfg_wait" in
         # No leading zero: shell arithmetic would read the number as octal.
         '' | *[!0-9]* | 0?*)
@@ -300,6 +315,29 @@ release_lock() {
         rmdir "$lock_dir" 2>/dev/null || :
         lock_held=0
     fi
+}
+
+# === The metadata service ===
+
+# Any process of the VM can ask the cloud's metadata service for the
+# user-data, and with it the enrollment token. A batch job runs strangers'
+# code: with a token of several uses it could enroll machines of its own. So
+# only root may reach it; the rule does not survive a reboot, so every boot
+# makes it, before anything else runs.
+METADATA=169.254.169.254
+
+close_metadata() {
+    if [ "$cfg_metadata" = open ]; then
+        return 0
+    fi
+    if ! command -v iptables >/dev/null 2>&1; then
+        (install_packages iptables) || :     # said why; the warning below says what it means
+    fi
+    set -- OUTPUT -d "$METADATA" -m owner ! --uid-owner 0 -j REJECT
+    if iptables -C "$@" 2>/dev/null || iptables -I "$@" 2>/dev/null; then
+        return 0
+    fi
+    warn "could not close $METADATA to non-root processes (iptables -I $*); its user-data holds the token"
 }
 
 # === python3 and openvpn ===
@@ -521,10 +559,30 @@ run_client() {
     fi
     rc_status=0
     run_logged python3 "$@" || rc_status=$?
+    forget_token
     if [ "$rc_status" -ne 0 ]; then
         err "dynfarm.py client failed (exit $rc_status); see ${log_file:-its output above}" "$rc_status"
     fi
     say "dynfarm.py client done"
+}
+
+# forget_token: enrolled (its certificate stored), the VM needs the token no
+# more; one left in the settings is one a job could find. Even if a later step
+# failed: the enrollment is what spent it.
+forget_token() {
+    if [ -z "$cfg_token" ] || [ ! -s "$cfg_state/client.crt" ]; then
+        return 0
+    fi
+    ft_tmp="$settings_file.new"
+    ft_status=0
+    (umask 077 && grep -v '^[[:space:]]*DYNFARM_TOKEN[[:space:]]*=' "$settings_file" >"$ft_tmp") || ft_status=$?
+    if [ "$ft_status" -gt 1 ] || ! mv -f "$ft_tmp" "$settings_file"; then
+        rm -f "$ft_tmp"
+        warn "could not delete the token from $settings_file; delete its DYNFARM_TOKEN line by hand"
+        return 0
+    fi
+    cfg_token=''
+    say "enrolled: the token is deleted from $settings_file (later boots use the certificate)"
 }
 
 main() {
@@ -544,10 +602,13 @@ main() {
     need_cmd rmdir
     need_cmd date
     need_cmd sleep
+    need_cmd grep
+    need_cmd mv
     read_settings
     open_log
     take_lock
     say "starting (settings $settings_file, pid $$)"
+    close_metadata
     ensure_tools
     ensure_client_py
     run_client

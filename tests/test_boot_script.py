@@ -44,7 +44,7 @@ SHELLS = {
     "busybox": [shutil.which("busybox") or "busybox", "sh"],
 }
 # The real tools the script may use; everything else must come from bin/.
-SYS_TOOLS = ("mkdir", "rm", "rmdir", "date", "sleep")
+SYS_TOOLS = ("mkdir", "rm", "rmdir", "date", "sleep", "grep", "mv")
 
 TOKEN = "tok-5ecret-0123456789abcdef"
 SERVER = "https://203.0.113.1:8443"
@@ -66,6 +66,11 @@ if len(args) >= 2 and args[1] == "client":
                "ppid": os.getppid(), "lock_pid": lock_pid}}
     with open(os.environ["FAKE_RECORD"], "a") as f:
         f.write(json.dumps(record) + "\\n")
+    if os.environ.get("FAKE_CLIENT_ENROLLS"):          # what an enrollment leaves: the certificate
+        state = args[args.index("--state-dir") + 1]
+        os.makedirs(state, exist_ok=True)
+        with open(os.path.join(state, "client.crt"), "w") as f:
+            f.write("-----BEGIN CERTIFICATE-----")
     print("fake client says hello on stdout")
     print("fake client says hello on stderr", file=sys.stderr)
     sys.exit(int(os.environ.get("FAKE_CLIENT_EXIT", "0")))
@@ -96,9 +101,22 @@ if code:
     sys.exit(code)
 if "install" in args or "add" in args:
     here = os.path.dirname(os.path.abspath(sys.argv[0]))
-    for package in ("python3", "openvpn"):
+    for package in ("python3", "openvpn", "iptables"):
         if package in args:
             shutil.copy2(os.path.join(os.environ["FAKE_PM_SOURCE"], package), here)
+"""
+
+
+# iptables that records its calls; -C (is the rule there?) says no unless
+# $FAKE_IPTABLES_HAS_RULE, -I succeeds unless $FAKE_IPTABLES_FAILS.
+FAKE_IPTABLES = """\
+#!{python}
+import json, os, sys
+with open(os.environ["FAKE_IPTABLES_RECORD"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1] == "-C":
+    sys.exit(0 if os.environ.get("FAKE_IPTABLES_HAS_RULE") else 1)
+sys.exit(1 if os.environ.get("FAKE_IPTABLES_FAILS") else 0)
 """
 
 
@@ -132,8 +150,10 @@ class World:
             (self.sys / tool).symlink_to(real)
         write_executable(self.source / "python3", FAKE_PYTHON.format(python=REAL_PYTHON))
         write_executable(self.source / "openvpn", "#!/bin/sh\nexit 0\n")
+        write_executable(self.source / "iptables", FAKE_IPTABLES.format(python=REAL_PYTHON))
         shutil.copy2(self.source / "python3", self.bin / "python3")
         shutil.copy2(self.source / "openvpn", self.bin / "openvpn")
+        shutil.copy2(self.source / "iptables", self.bin / "iptables")
         write_executable(self.bin / "logger", FAKE_LOGGER.format(python=REAL_PYTHON))
 
         self.settings = tmp / "etc" / "client.conf"
@@ -150,6 +170,7 @@ class World:
         self.record = tmp / "client-calls.jsonl"
         self.syslog = tmp / "syslog.jsonl"
         self.pm_record = tmp / "package-manager-calls.jsonl"
+        self.iptables_record = tmp / "iptables-calls.jsonl"
 
     def write_settings(self, **overrides):
         values = {
@@ -176,6 +197,7 @@ class World:
             "DYNFARM_LOCK_DIR": str(self.lock),
             "FAKE_RECORD": str(self.record),
             "FAKE_SYSLOG": str(self.syslog),
+            "FAKE_IPTABLES_RECORD": str(self.iptables_record),
             "FAKE_PM_RECORD": str(self.pm_record),
             "FAKE_PM_SOURCE": str(self.source),
         }
@@ -803,3 +825,71 @@ def test_fetch_waits_for_a_server_that_comes_up(world, pki, https_server):
     [call] = world.client_calls()
     assert call["argv"] == expected_argv(world, server=f"https://127.0.0.1:{port}", py=py, ca=pki["ca"],
                                          wait="60")
+
+
+# --- no token left where a job can read it ---
+
+RULE = ["OUTPUT", "-d", "169.254.169.254", "-m", "owner", "!", "--uid-owner", "0", "-j", "REJECT"]
+
+
+def iptables_calls(w):
+    if not w.iptables_record.exists():
+        return []
+    return [json.loads(line) for line in w.iptables_record.read_text().splitlines()]
+
+
+def test_once_enrolled_the_token_is_deleted_from_the_settings(world):
+    world.settings.write_text(world.settings.read_text() + "# a comment stays\n")
+    result = world.run(FAKE_CLIENT_ENROLLS="1")
+    assert result.returncode == 0, result.stderr
+    assert world.client_calls()[0]["token"] == TOKEN          # it was used for the enrollment ...
+    text = world.settings.read_text()
+    assert TOKEN not in text and "DYNFARM_TOKEN" not in text    # ... and is gone
+    assert "DYNFARM_SERVER=" in text and "# a comment stays" in text
+    assert stat.S_IMODE(world.settings.stat().st_mode) == 0o600
+    assert "the token is deleted from" in result.stderr
+    world.run(FAKE_CLIENT_ENROLLS="1")                          # the next boot: no token, still fine
+    assert world.client_calls()[1]["token"] is None
+
+
+def test_the_token_is_deleted_even_if_a_later_step_failed(world):
+    result = world.run(FAKE_CLIENT_ENROLLS="1", FAKE_CLIENT_EXIT="1")
+    assert result.returncode == 1
+    assert TOKEN not in world.settings.read_text()
+
+
+def test_a_boot_that_did_not_enroll_keeps_the_token(world):
+    result = world.run(FAKE_CLIENT_EXIT="1")
+    assert result.returncode == 1
+    assert TOKEN in world.settings.read_text()
+
+
+def test_only_root_may_reach_the_metadata_service(world):
+    assert world.run().returncode == 0
+    assert iptables_calls(world) == [["-C"] + RULE, ["-I"] + RULE]
+    world.run(FAKE_IPTABLES_HAS_RULE="1")                       # a second run adds no second rule
+    assert iptables_calls(world)[2:] == [["-C"] + RULE]
+
+
+def test_the_metadata_service_can_be_left_open(world):
+    world.write_settings(DYNFARM_METADATA="open")
+    assert world.run().returncode == 0
+    assert iptables_calls(world) == []
+    world.write_settings(DYNFARM_METADATA="shut")
+    result = world.run()
+    assert result.returncode == 2 and "DYNFARM_METADATA must be closed or open" in result.stderr
+
+
+def test_a_metadata_rule_that_cannot_be_made_is_a_warning_not_a_failed_boot(world):
+    result = world.run(FAKE_IPTABLES_FAILS="1")
+    assert result.returncode == 0
+    assert "could not close 169.254.169.254 to non-root processes" in result.stderr
+    assert len(world.client_calls()) == 1
+
+
+def test_iptables_is_installed_when_missing(world):
+    (world.bin / "iptables").unlink()
+    world.add_package_manager("apt-get")
+    assert world.run().returncode == 0
+    assert any("iptables" in call["argv"] for call in world.pm_calls())
+    assert iptables_calls(world) == [["-C"] + RULE, ["-I"] + RULE]

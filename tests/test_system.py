@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import pytest
 
 from farm import DYNFARM, VMS, read, running_farm, wait_for
@@ -24,8 +25,11 @@ def farm(tmp_path_factory):
         yield farm
 
 
+BOOTSTRAP = {}    # the script the VMs ran, for the tests that look for its token
+
+
 def test_three_vms_behind_one_nat_enroll_with_distinct_static_addresses(farm):
-    script = farm.dynfarm("bootstrap", "aruba", "--uses", "3").stdout
+    script = BOOTSTRAP["aruba"] = farm.dynfarm("bootstrap", "aruba", "--uses", "3").stdout
     # all three at once, as a provider starts them
     procs = [subprocess.Popen(farm.world.argv(vm, ["sh", "-s"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for vm in VMS]
@@ -56,6 +60,62 @@ def test_private_key_never_left_the_vm(farm):
                     continue
                 with open(os.path.join(root, name), "rb") as f:
                     assert body.encode() not in f.read(), os.path.join(root, name)
+
+
+def test_no_file_a_job_could_read_holds_the_token(farm):
+    token = next(line.split("=", 1)[1] for line in BOOTSTRAP["aruba"].splitlines()
+                 if line.startswith("DYNFARM_TOKEN=")).strip("'\"")
+    for vm in VMS:
+        assert token not in read(farm.world.vm_path(vm, "/etc/dynfarm/client.conf"))
+        for top in ("/etc/dynfarm", "/var/lib/dynfarm", "/var/log", "/usr/local/sbin", "/usr/local/bin", "/tmp", "/root"):
+            for root, _, names in os.walk(farm.world.vm_path(vm, top)):
+                for name in names:
+                    path = os.path.join(root, name)
+                    if os.path.isfile(path) and os.stat(path).st_mode & 0o044:   # readable by others than root
+                        with open(path, "rb") as f:
+                            assert token.encode() not in f.read(), path
+
+
+# Answer one HTTP request on the metadata address, as a cloud's metadata service does.
+METADATA_SERVICE = r"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("169.254.169.254", 80))
+s.listen(8)
+print("ready", flush=True)
+while True:
+    conn, _ = s.accept()
+    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nuser-data with the token")
+    conn.close()
+"""
+
+ASK_METADATA = r"""
+import socket, sys
+try:
+    with socket.create_connection(("169.254.169.254", 80), timeout=3) as s:
+        print(s.recv(100).decode().splitlines()[0])
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_only_root_reaches_the_metadata_service(farm):
+    world = farm.world
+    world.run("nat", ["ip", "addr", "add", "169.254.169.254/32", "dev", "br-lan"])
+    service = subprocess.Popen(world.argv("nat", [sys.executable, "-c", METADATA_SERVICE]),
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout.readline().strip() == "ready"
+        for vm in VMS:
+            as_root = world.run(vm, ["python3", "-c", ASK_METADATA]).stdout.strip()
+            as_nobody = world.run(vm, ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                                       "python3", "-c", ASK_METADATA]).stdout.strip()
+            assert (as_root, as_nobody) == ("HTTP/1.0 200 OK", "ConnectionRefusedError"), vm
+    finally:
+        service.kill()
+        service.wait()
+        world.run("nat", ["ip", "addr", "del", "169.254.169.254/32", "dev", "br-lan"])
 
 
 def test_site_reaches_each_vm_by_ssh_checking_the_enrolled_host_key(farm):
