@@ -116,10 +116,11 @@ class RequestError(Exception):
     """A request the enrollment service refuses: HTTP status and one clear
     line (and, for a challenge, the nonce to answer it with)."""
 
-    def __init__(self, status, message, nonce=None):
+    def __init__(self, status, message, nonce=None, retry_after=None):
         super().__init__(message)
         self.status = status
         self.nonce = nonce
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else {}
 
     def answer(self):
         return {"error": str(self)} if self.nonce is None else {"error": str(self), "nonce": self.nonce}
@@ -130,7 +131,8 @@ class CSRRejected(Exception):
 
 
 class ServerUnreachable(Exception):
-    """The client found nobody answering at the enrollment URL."""
+    """The client found nobody answering at the enrollment URL, or was told
+    to come back later (429): either way, a first boot tries again."""
 
 
 class Challenged(Fatal):
@@ -2119,6 +2121,43 @@ class Holds:
             self.changed.notify_all()
 
 
+class Guesses:
+    """Failed token attempts per source (source_key): a bucket of BURST that
+    refills one every REFILL seconds. Empty, the source's requests that
+    carry a token get 429 before the token is looked at, so a guesser gets
+    about one try in REFILL; VMs with good tokens never empty it. The table
+    is bounded: full buckets are dropped, and past MAX_SOURCES the oldest."""
+
+    BURST, REFILL, MAX_SOURCES = 20, 6.0, 100000
+
+    def __init__(self):
+        self.buckets = collections.OrderedDict()    # source -> (tokens, when counted)
+        self.lock = threading.Lock()
+
+    def level(self, source, now):
+        tokens, then = self.buckets.get(source, (self.BURST, now))
+        return min(self.BURST, tokens + (now - then) / self.REFILL)
+
+    def wait(self, source):
+        """Seconds until this source may try a token again (0: now)."""
+        now = time.monotonic()
+        with self.lock:
+            level = self.level(source, now)
+        return 0 if level >= 1 else math.ceil((1 - level) * self.REFILL)
+
+    def failed(self, source):
+        now = time.monotonic()
+        with self.lock:
+            level = self.level(source, now) - 1
+            self.buckets.pop(source, None)
+            self.buckets[source] = (level, now)
+            while len(self.buckets) > self.MAX_SOURCES:
+                self.buckets.popitem(last=False)
+            for old in [s for s, (t, at) in itertools.islice(self.buckets.items(), 64)
+                        if t + (now - at) / self.REFILL >= self.BURST]:
+                del self.buckets[old]
+
+
 class Nonces:
     """Fresh proofs of possession: a machine already enrolled that comes
     without its certificate must send a CSR naming a nonce the server gave
@@ -2197,6 +2236,7 @@ class App:
         self.free_from = {}    # provider -> lowest address number that may be free
         self.holds = Holds()
         self.nonces = Nonces()
+        self.guesses = Guesses()
         self.retired_seen = 0  # the last retired row whose address free_from took into account
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
@@ -2214,7 +2254,7 @@ class App:
         try:
             return route(request)
         except RequestError as e:
-            return e.status, e.answer(), {}
+            return e.status, e.answer(), e.headers
         except CSRRejected as e:
             return 400, {"error": str(e)}, {}
 
@@ -2339,7 +2379,7 @@ class App:
                 raise RequestError(403, f"host {known['name']} is revoked")
             provider_name, token_id = known["provider"], None
         elif isinstance(fields.get("token"), str) and fields["token"]:
-            row = check_token(self.store, fields["token"])
+            row = self.checked_token(request, fields["token"])
             provider_name, token_id = row["provider"], row["id"]
         else:
             raise RequestError(401, "missing enrollment token")
@@ -2356,6 +2396,19 @@ class App:
         if not any(source in net for net in provider.networks):
             raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
         return provider, known, token_id
+
+    def checked_token(self, request, token):
+        """check_token, for a source that has not been guessing (Guesses)."""
+        source = source_key(request.peer_ip)
+        wait = self.guesses.wait(source)
+        if wait:
+            raise RequestError(429, f"too many failed token attempts from {source}; try again in {wait} s",
+                               retry_after=wait)
+        try:
+            return check_token(self.store, token)
+        except RequestError:
+            self.guesses.failed(source)
+            raise
 
     def check_fresh_proof(self, csr_pem):
         """A CSR is no proof by itself (it can be replayed): an enrolled
@@ -2788,10 +2841,14 @@ class TLSServer:
     request_timeout for its handshake and request, and again for taking
     its answer: past either it is closed, so a slow client holds nothing
     but its socket. Its wait for a worker does not count: in a boot storm
-    the queue is the server's slowness, not the client's.
+    the queue is the server's slowness, not the client's. One source
+    address (an IPv6 /64) holds max_per_source of them at most: enough for
+    a NAT's VMs booting at once (those turned away retry), too few to hold
+    the door.
     """
 
     max_connections = 1024
+    max_per_source = 128
     sweep_seconds = 0.25        # how often deadlines are checked
 
     @staticmethod
@@ -2823,6 +2880,7 @@ class TLSServer:
         self.requests = queue.SimpleQueue()
         self.answers = queue.SimpleQueue()
         self.connections = set()     # touched by the loop's thread only
+        self.per_source = collections.Counter()
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.workers = [threading.Thread(target=self.work, daemon=True, name="dynfarm-worker")
@@ -2881,8 +2939,9 @@ class TLSServer:
                 log(f"accept: {e.strerror}; not accepting for a moment")
                 self.selector.unregister(self.socket)
                 return
-            if len(self.connections) >= self.max_connections:
-                sock.close()           # at the cap: at once, rather than time out unseen
+            source = source_key(peer[0])
+            if len(self.connections) >= self.max_connections or self.per_source[source] >= self.max_per_source:
+                sock.close()           # at a cap: at once, rather than time out unseen
                 continue
             sock.setblocking(False)
             try:
@@ -2892,6 +2951,7 @@ class TLSServer:
                 continue
             conn = Connection(tls, peer, time.monotonic() + self.request_timeout)
             self.connections.add(conn)
+            self.per_source[source] += 1
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
 
     def advance(self, conn):
@@ -2970,12 +3030,26 @@ class TLSServer:
             self.close(conn)
 
     def close(self, conn):
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            source = source_key(conn.peer[0])
+            self.per_source[source] -= 1
+            if not self.per_source[source]:
+                del self.per_source[source]
         try:
             self.selector.unregister(conn.sock)
         except KeyError:
             pass
         conn.sock.close()
+
+
+def source_key(address):
+    """Who a peer is, for limits: its IPv4 address, or its IPv6 /64 (one
+    machine gets a whole /64 as easily as one address)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 
 def server_tls_context(config):
@@ -3258,6 +3332,8 @@ class Client:
             message = f"{self.server} refused {path}: {e.code} {answer.get('error') or e.reason}"
             if e.code == 401 and isinstance(answer.get("nonce"), str):
                 raise Challenged(message, answer["nonce"])
+            if e.code == 429:     # too many failed tokens from our address (a NAT we share): wait, as for a busy server
+                raise ServerUnreachable(message)
             raise (Overtaken if e.code == 409 else Fatal)(message)
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)

@@ -1,0 +1,130 @@
+"""Limits per source address, against the real server on loopback (whose
+127.0.0.0/8 gives as many sources as a test needs): a guesser of tokens is
+slowed to a try every few seconds and told when to come back, one source
+cannot hold every connection, and a NAT's VMs booting at once with good
+tokens all enroll without being taken for an attacker."""
+
+import concurrent.futures
+import json
+import re
+import socket
+import threading
+
+import pytest
+
+import dynfarm
+from helpers import call, enroll_body
+
+
+@pytest.fixture
+def server(site):
+    config, store, _ = site
+    app = dynfarm.App(config)
+    httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    ctx = dynfarm.ssl.create_default_context(cafile=config.state.ca_cert)
+    yield app, httpd, ctx
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def post(httpd, ctx, body, source="127.0.0.1"):
+    """POST /v1/enroll from a source address: (status, headers text, answer), or None if dropped."""
+    raw = json.dumps(body).encode()
+    data = (f"POST /v1/enroll HTTP/1.1\r\nContent-Length: {len(raw)}\r\n\r\n").encode() + raw
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=30,
+                                      source_address=(source, 0)) as sock:
+            with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                tls.sendall(data)
+                answer = tls.makefile("rb").read().decode()
+    except (ConnectionError, OSError):
+        return None
+    if not answer:
+        return None
+    head, _, body = answer.partition("\r\n\r\n")
+    return int(head.split()[1]), head, json.loads(body)
+
+
+def test_a_token_guesser_is_held_off_and_told_when_to_come_back(server, make_csr, monkeypatch):
+    app, httpd, ctx = server
+    good, _ = dynfarm.new_token(app.store, "aruba", 2, 600)
+    csr = make_csr()[1]
+    statuses = [post(httpd, ctx, enroll_body(f"{good.split('.')[0]}.guess{i}", csr))[0]
+                for i in range(dynfarm.Guesses.BURST + 3)]
+    assert statuses[:dynfarm.Guesses.BURST] == [401] * dynfarm.Guesses.BURST
+    assert statuses[dynfarm.Guesses.BURST:] == [429] * 3
+    status, head, answer = post(httpd, ctx, enroll_body(good, csr))      # even a good token waits ...
+    assert status == 429 and "too many failed token attempts from 127.0.0.1" in answer["error"]
+    assert 1 <= int(re.search(r"Retry-After: (\d+)", head).group(1)) <= dynfarm.Guesses.REFILL
+    assert post(httpd, ctx, enroll_body(good, csr), source="127.0.0.2")[0] == 200   # ... others do not
+    later = dynfarm.time.monotonic() + dynfarm.Guesses.REFILL
+    monkeypatch.setattr(dynfarm.time, "monotonic", lambda: later)
+    assert post(httpd, ctx, enroll_body(good, make_csr()[1]))[0] == 200    # one try back after REFILL
+
+
+def test_the_guess_table_stays_bounded(monkeypatch):
+    monkeypatch.setattr(dynfarm.Guesses, "MAX_SOURCES", 100)
+    guesses = dynfarm.Guesses()
+    for i in range(1000):
+        guesses.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(guesses.buckets) == 100
+
+
+def test_sources_are_addresses_and_ipv6_slash_64s():
+    assert dynfarm.source_key("203.0.113.7") == "203.0.113.7"
+    assert dynfarm.source_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert dynfarm.source_key("2001:db8:1:2:aaaa::1") == dynfarm.source_key("2001:db8:1:2:bbbb::9") \
+        == "2001:db8:1:2::/64"
+
+
+def test_one_source_cannot_hold_every_connection(server, monkeypatch):
+    app, httpd, ctx = server
+    monkeypatch.setattr(httpd, "max_per_source", 5)
+    held = [socket.create_connection(("127.0.0.1", httpd.server_address[1]), source_address=("127.0.0.1", 0))
+            for _ in range(5)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", httpd.server_address[1]), source_address=("127.0.0.1", 0))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""                                   # closed at once
+        extra.close()
+        # another source is served meanwhile
+        assert health_from(httpd, ctx, "127.0.0.3") == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def health_from(httpd, ctx, source):
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10,
+                                  source_address=(source, 0)) as sock:
+        with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /v1/health HTTP/1.0\r\n\r\n")
+            return int(tls.makefile("rb").readline().split()[1])
+
+
+def test_a_nat_of_vms_booting_at_once_all_enroll(server, make_csr, monkeypatch):
+    """150 VMs behind one address, good tokens, all at once, against a
+    per-source cap of 40: those turned away retry as the client does, none
+    is taken for a guesser."""
+    app, httpd, ctx = server
+    monkeypatch.setattr(httpd, "max_per_source", 40)
+    token, _ = dynfarm.new_token(app.store, "aruba", 150, 600)
+    bodies = [enroll_body(token, make_csr()[1], machine_id=f"m{i}") for i in range(150)]
+    dropped = []
+
+    def boot(body):
+        for attempt in range(50):
+            answer = post(httpd, ctx, body)
+            if answer is not None:
+                return answer[0]
+            dropped.append(1)
+            threading.Event().wait(0.05 * (attempt + 1))
+        return None
+    with concurrent.futures.ThreadPoolExecutor(150) as pool:
+        statuses = list(pool.map(boot, bodies))
+    assert statuses == [200] * 150
+    assert len({h["address"] for h in app.store.hosts()}) == 150
+    assert dropped            # the cap did turn some away: the retries were needed
+    assert call(app, "/v1/health", b"", method="GET")[0] == 200
