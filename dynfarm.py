@@ -278,6 +278,7 @@ class StateDir:
     """Every path the site keeps under [site] state_dir, named once:
 
       dynfarm.db              hosts and tokens (sqlite, WAL)                 0600
+      events.db               the audit log: enrollments, refusals, revokes  0600
       pki/ca.crt, ca.key      the site CA                                    key 0600
       pki/server.crt, .key    the certificate of the enrollment and VPN servers
       pki/crl.pem             the revoked hosts (OpenVPN's crl-verify)
@@ -293,6 +294,7 @@ class StateDir:
     def __init__(self, root):
         self.root = root
         self.database = os.path.join(root, "dynfarm.db")
+        self.events = os.path.join(root, "events.db")
         self.pki = os.path.join(root, "pki")
         in_pki = functools.partial(os.path.join, self.pki)
         self.ca_cert = in_pki("ca.crt")
@@ -628,6 +630,8 @@ class Store:
     """The site database (sqlite, WAL): one connection per thread, made on
     its first use (the server's workers are long-lived threads)."""
 
+    schema = SCHEMA
+
     def __init__(self, path):
         self.path = path
         self.local = threading.local()
@@ -653,7 +657,7 @@ class Store:
         """Make the database, or add the tables a newer version has; True if it is new."""
         created = not os.path.exists(self.path)
         self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(self.schema)
         os.chmod(self.path, 0o600)
         return created
 
@@ -784,6 +788,98 @@ Enrollment = collections.namedtuple("Enrollment", "serial machine_id hostname ho
 def enrollment_record(serial, machine_id, hostname, host_keys, facts, version):
     now = time.time()
     return Enrollment(serial, machine_id, hostname, json.dumps(host_keys), json.dumps(facts), version, now, now)
+
+
+EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,         -- enrolled, re-enrolled, host-keys-changed, refused, revoked, retired,
+                                -- token-made, token-revoked
+    provider TEXT,
+    host TEXT,
+    source TEXT,                -- the peer's address, for what came over the network
+    detail TEXT NOT NULL DEFAULT '',
+    count INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+"""
+
+
+class EventLog(Store):
+    """The audit log, events.db beside the site database: what was enrolled,
+    refused, revoked, retired, and which tokens were made or revoked, with
+    time, provider and source; never a secret. A file of its own, so that
+    writing it never waits on an enrollment's lock, and a flood of bad
+    requests fills no more than its MAX_EVENTS rows. Refusals are counted
+    in memory and written within FLUSH_SECONDS, one row per provider,
+    source and reason: a flood costs a counter per request, not a write."""
+
+    schema = EVENTS_SCHEMA
+    MAX_EVENTS = 100000
+    FLUSH_SECONDS = 1.0
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.refusals = {}          # (provider, source, reason) -> [count, first at]
+        self.refusals_lock = threading.Lock()
+        self.timer = None
+
+    def record(self, kind, provider=None, host=None, source=None, detail=""):
+        with self.transaction():
+            self.db.execute("INSERT INTO events (at, kind, provider, host, source, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                            (time.time(), kind, provider, host, source, detail))
+
+    def refused(self, provider, source, reason):
+        with self.refusals_lock:
+            entry = self.refusals.setdefault((provider, source, reason[:200]), [0, time.time()])
+            entry[0] += 1
+            if self.timer is None:
+                self.timer = threading.Timer(self.FLUSH_SECONDS, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def flush(self):
+        """Write the refusals counted so far (the timer does, once a second; so does the server at its end)."""
+        with self.refusals_lock:
+            refusals, self.refusals, self.timer = self.refusals, {}, None
+        if not refusals:
+            return
+        with self.transaction():
+            self.db.executemany(
+                "INSERT INTO events (at, kind, provider, source, detail, count) VALUES (?, 'refused', ?, ?, ?, ?)",
+                [(at, provider, source, reason, count) for (provider, source, reason), (count, at) in refusals.items()])
+            self.db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (self.MAX_EVENTS,))
+
+    def events(self, since=0.0, host=None):
+        rows = self.db.execute("SELECT * FROM events WHERE at >= ? AND (? IS NULL OR host = ?) ORDER BY at, id",
+                               (since, host, host)).fetchall()
+        return [dict(row) for row in rows]
+
+    def host_keys_changed(self):
+        """{host: when its ssh host keys last changed at a re-enrollment}."""
+        return dict(self.db.execute(
+            "SELECT host, MAX(at) FROM events WHERE kind = 'host-keys-changed' GROUP BY host").fetchall())
+
+
+def key_fingerprints(host_keys):
+    """'ssh-ed25519 SHA256:abc..., ...' for a list of 'TYPE BASE64' keys, as ssh-keygen -l shows them."""
+    prints = []
+    for key in host_keys:
+        kind, _, blob = key.partition(" ")
+        try:
+            digest = hashlib.sha256(base64.b64decode(blob.split()[0])).digest()
+        except (ValueError, IndexError):
+            digest = b""
+        prints.append(f"{kind} SHA256:{base64.b64encode(digest).decode().rstrip('=')}")
+    return ", ".join(prints) or "none"
+
+
+def open_events(config):
+    """The audit log, made if missing (a site older than it has none yet)."""
+    log_ = EventLog(config.state.events)
+    log_.create()
+    return log_
 
 
 class Transaction:
@@ -1938,12 +2034,14 @@ def revoke_host(config, name):
     host = store.host(name)
     if host is None:
         raise UsageError(f"no host named {name} (see 'remote_control list')")
-    return revoke(config, store, host)
+    done = revoke(config, store, host)
+    open_events(config).record("revoked", host["provider"], host["name"], detail=f"address {host['address']}")
+    return done
 
 
 def revoke(config, store, host):
     with store.transaction():
-        # Gone since the read? (a new host's failed enrollment releases its row)
+        # Gone since the read? (retired meanwhile)
         if not store.revoke(host["name"], host["pubkey_sha256"]):
             raise UsageError(f"no host named {host['name']} (see 'remote_control list')")
     remove_ccd(config, host["provider"], host["name"])
@@ -2034,6 +2132,8 @@ def release_host(config, store, host):
     revoked = revoke(config, store, host)
     with store.transaction():
         store.retire(host["name"], host["pubkey_sha256"])
+    open_events(config).record("retired", host["provider"], host["name"],
+                               detail=f"address {host['address']} free again")
     print(f"retired {host['name']}: {revoked.partition('; ')[2] or 'revoked'}; "
           f"its name and {host['address']} are free again")
     return True
@@ -2237,6 +2337,7 @@ class App:
         self.holds = Holds()
         self.nonces = Nonces()
         self.guesses = Guesses()
+        self.events = open_events(config)
         self.retired_seen = 0  # the last retired row whose address free_from took into account
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
@@ -2249,14 +2350,19 @@ class App:
         route = self.routes.get((request.method, request.path))
         if route is None:
             if any(path == request.path for _, path in self.routes):
-                return 405, {"error": f"{request.method} not allowed on {request.path}"}, {}
-            return 404, {"error": f"no such endpoint {request.path}"}, {}
+                return self.refuse(request, RequestError(405, f"{request.method} not allowed on {request.path}"))
+            return self.refuse(request, RequestError(404, f"no such endpoint {request.path}"))
         try:
             return route(request)
         except RequestError as e:
-            return e.status, e.answer(), e.headers
+            return self.refuse(request, e)
         except CSRRejected as e:
-            return 400, {"error": str(e)}, {}
+            return self.refuse(request, RequestError(400, str(e)))
+
+    def refuse(self, request, error):
+        """The answer to a refused request, counted in the audit log (its message holds no secret)."""
+        self.events.refused(None, request.peer_ip, f"{request.method} {request.path}: {error.status} {error}")
+        return error.status, error.answer(), error.headers
 
     def health(self, request):
         return 200, {"ok": True, "version": self.version}, {}
@@ -2281,11 +2387,17 @@ class App:
         held = self.reserve(request, fields, pubkey, enrollment.serial)
         if held.created:
             return self.enroll_new_host(request, fields, held, pubkey, enrollment)
+        before = json.loads(self.store.host(held.name)["host_keys"])
         certificate = self.pki.sign_client(fields["csr"], held.name, held.serial)
         write_ccd(self.config, held.provider, held.name, held.address)
         if not self.enrollment_stands(held, pubkey, enrollment):
             raise self.overtaken(held, pubkey)
         log(f"{request.peer_ip}: enrolled {held.name} at {held.address} (again)")
+        self.events.record("re-enrolled", held.provider.name, held.name, request.peer_ip,
+                           "with its certificate" if request.peer_cn else "with a signed nonce")
+        if sorted(before) != sorted(fields["host_keys"]):
+            self.events.record("host-keys-changed", held.provider.name, held.name, request.peer_ip,
+                               f"{key_fingerprints(before)} -> {key_fingerprints(fields['host_keys'])}")
         return 200, self.enrollment_answer(held, certificate), {}
 
     def enroll_new_host(self, request, fields, held, pubkey, enrollment):
@@ -2305,6 +2417,7 @@ class App:
                 self.free_from[held.provider.name] = min(self.free_from.get(held.provider.name, number), number)
             self.holds.let_go(held, pubkey)
         log(f"{request.peer_ip}: enrolled {held.name} at {held.address}")
+        self.events.record("enrolled", held.provider.name, held.name, request.peer_ip, f"address {held.address}")
         return 200, self.enrollment_answer(held, certificate), {}
 
     def reserve(self, request, fields, pubkey, serial, wait=30.0):
@@ -3079,6 +3192,7 @@ def serve(config):
         server.serve_forever()
     finally:
         server.server_close()
+        app.events.flush()
 
 
 def raise_open_files_limit(wanted):
@@ -3795,6 +3909,9 @@ def select_hosts(config, store, selection):
 def list_hosts(config, selection, as_json=False, retired=False):
     """remote_control list: a table (the retired hosts too if asked), or everything recorded as JSON."""
     rows = select_hosts(config, open_store(config), selection)
+    changed = open_events(config).host_keys_changed()
+    for row in rows:
+        row["host_keys_changed_at"] = changed.get(row["name"]) if row["state"] != "retired" else None
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -3808,6 +3925,9 @@ def list_hosts(config, selection, as_json=False, retired=False):
             row["memory"] = f"{memory // 1024} GiB" if isinstance(memory, int) else "-"
         print(format_table(rows, ["name", "provider", "address", "state", "last seen", "version", "cores",
                                   "memory"]))
+        keys = [f"{r['name']} ({ago(r['host_keys_changed_at'])})" for r in rows if r["host_keys_changed_at"]]
+        if keys:
+            print(f"ssh host keys changed at a re-enrollment: {', '.join(keys)}; see 'dynfarm.py events --host NAME'")
     else:
         sys.stderr.write("no hosts enrolled match\n")
     return 0
@@ -4170,17 +4290,28 @@ def cmd_token(args, config):
     if args.provider == "revoke":
         if not args.token_id:
             raise UsageError("token revoke: which token? give its ID (see 'dynfarm.py token list')")
-        print(revoke_token(open_store(config), args.token_id))
+        store = open_store(config)
+        provider = store.token(args.token_id)["provider"] if store.token(args.token_id) else None
+        print(revoke_token(store, args.token_id))
+        open_events(config).record("token-revoked", provider, detail=f"token {args.token_id}")
         return 0
     if args.token_id or args.json:
         raise UsageError(f"token {args.provider}: makes a token; an ID or --json goes with 'token list' "
                          "or 'token revoke'")
     provider = config.provider(args.provider)
-    token, expires = new_token(open_store(config), provider.name, args.uses, parse_duration(args.ttl))
+    token, expires = made_token(config, provider, args.uses, parse_duration(args.ttl))
     print(token)
     sys.stderr.write(f"token for {provider.name}: {args.uses} enrollment(s), valid until "
                      f"{time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(expires))}\n")
     return 0
+
+
+def made_token(config, provider, uses, ttl):
+    """new_token, recorded in the audit log (its id, never its secret)."""
+    token, expires = new_token(open_store(config), provider.name, uses, ttl)
+    open_events(config).record("token-made", provider.name, detail=f"token {token.split('.')[0]}, {uses} use(s), "
+                               f"until {time.strftime('%Y-%m-%d %H:%M', time.localtime(expires))}")
+    return token, expires
 
 
 def list_tokens(config, as_json):
@@ -4201,9 +4332,29 @@ def list_tokens(config, as_json):
 
 def cmd_bootstrap(args, config):
     provider = config.provider(args.provider)
-    token, expires = new_token(open_store(config), provider.name, args.uses, parse_duration(args.ttl))
+    token, expires = made_token(config, provider, args.uses, parse_duration(args.ttl))
     script = bootstrap_script(config, provider, token, expires)
     print(cloud_init(script) if args.cloud_init else script, end="")
+    return 0
+
+
+def cmd_events(args, config):
+    since = time.time() - parse_duration(args.since) if args.since else 0.0
+    rows = open_events(config).events(since, args.host)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        sys.stderr.write("no events" + (f" of {args.host}" if args.host else "") +
+                         (f" in the last {args.since}" if args.since else "") + "\n")
+        return 0
+    for row in rows:
+        row["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["at"]))
+        times = f"{row['count']}x " if row["count"] > 1 else ""
+        row["detail"] = (times + row["detail"]).translate(LOG_ESCAPES)     # a client's words, escaped
+        for column in ("provider", "host", "source"):
+            row[column] = row[column] or "-"
+    print(format_table(rows, ["time", "kind", "provider", "host", "source", "detail"]))
     return 0
 
 
@@ -4324,6 +4475,16 @@ def build_parser():
         if name == "bootstrap":
             p.add_argument("--cloud-init", action="store_true", help="print cloud-init user-data instead")
         p.set_defaults(func=cmd_token if name == "token" else cmd_bootstrap)
+    p = sub.add_parser(
+        "events", help="the audit log: enrollments, host key changes, refusals, revokes, retirements, tokens",
+        description="What the site recorded, oldest first: every enrollment (new, again, ssh host keys "
+                    "changed), every refused request (its source and reason; refusals alike within a "
+                    "second are one line with a count), every revoke and retirement, every token made or "
+                    "revoked. Never a secret. The log keeps its last 100000 entries.")
+    p.add_argument("--since", metavar="DURATION", help="only the last 30m, 24h, 7d, ...")
+    p.add_argument("--host", metavar="NAME", help="only this host's")
+    p.add_argument("--json", action="store_true", help="everything, as JSON")
+    p.set_defaults(func=cmd_events)
     p = sub.add_parser("revoke", help="a host can no longer connect or re-enroll")
     p.add_argument("host")
     p.set_defaults(func=cmd_revoke)

@@ -247,13 +247,14 @@ def enrolled_machine(httpd, ctx, store, tmp_path):
 # --- the test ---------------------------------------------------------------------
 
 def state_files(config):
-    """Every file of the state directory, by content. The database's -shm
-    index is left out: sqlite readers write their read marks there."""
+    """Every file of the state directory, by content. Left out: sqlite's
+    -shm indexes (readers write their read marks there) and the audit log,
+    whose business is to record the refusals."""
     files = {}
     for root, _, names in os.walk(config.state.root):
         for name in names:
             path = os.path.join(root, name)
-            if name.endswith("-shm") or not os.path.isfile(path):
+            if name.endswith("-shm") or name.startswith("events.db") or not os.path.isfile(path):
                 continue
             with open(path, "rb") as f:
                 files[os.path.relpath(path, config.state.root)] = hashlib.sha256(f.read()).hexdigest()
@@ -284,6 +285,13 @@ def test_a_hostile_corpus_changes_nothing_and_never_stalls_the_server(server, ca
     assert "Traceback" not in log and "internal error" not in log and "-> 5" not in log, log[-3000:]
     assert db_snapshot(store) == rows
     assert state_files(config) == files
+    # the audit log counted the refusals, and holds no secret
+    httpd.app.events.flush()
+    refused = [e for e in httpd.app.events.events() if e["kind"] == "refused"]
+    assert sum(e["count"] for e in refused) > sent / 2 and {e["source"] for e in refused} == {"127.0.0.1"}
+    with open(config.state.events, "rb") as f, open(config.state.events + "-wal", "rb") as wal:
+        recorded = f.read() + wal.read()
+    assert token.split(".")[1].encode() not in recorded
     # the guesses put 127.0.0.1 on hold (Guesses); from elsewhere, the token
     # it carried still enrolls a machine
     assert exchange(httpd, ctx, enroll(token))[0] == 429
