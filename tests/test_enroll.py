@@ -600,3 +600,28 @@ def test_a_token_revoked_while_its_enrollment_is_signed_gets_no_certificate_out(
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
     assert status == 401 and "invalid enrollment token" in answer["error"]
     assert app.store.hosts() == []
+
+
+# --- reports: a time is a number of seconds a boot can take ------------------------
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"ok": true, "steps": [], "ready_seconds": ' + b"1" + b"0" * 400 + b"}", "must be a float"),
+    (b'{"ok": true, "steps": [], "ready_seconds": NaN}', "not valid JSON"),
+    (b'{"ok": true, "steps": [], "ready_seconds": Infinity}', "not valid JSON"),
+    (b'{"ok": true, "steps": [], "ready_seconds": 1e999}', "numbers must be finite"),
+    (b'{"ok": true, "steps": [], "ready_seconds": true}', "must be a float"),
+    (b'{"ok": true, "steps": [], "ready_seconds": -1}', "from 0 to 86400"),
+    (b'{"ok": true, "steps": [], "ready_seconds": 1e6}', "from 0 to 86400"),
+    (b'{"ok": 1, "steps": [], "ready_seconds": 1}', "must be a bool"),
+    (b'{"ok": true, "steps": ["x"], "ready_seconds": 1}', "small objects"),
+])
+def test_bad_reports_get_400_and_change_nothing(app, make_csr, raw, message):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    answer = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[1]
+    host = app.store.host(answer["name"])
+    before = db_snapshot(app.store)
+    status, refused, _ = call(app, "/v1/report", raw, peer=(host["name"], host["pubkey_sha256"]))
+    assert status == 400 and message in refused["error"]
+    assert db_snapshot(app.store) == before
+    good = b'{"ok": true, "steps": [], "ready_seconds": 0.2}'
+    assert call(app, "/v1/report", good, peer=(host["name"], host["pubkey_sha256"]))[0] == 200
