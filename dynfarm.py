@@ -1515,22 +1515,51 @@ def write_ccd(config, provider, name, address):
 
     A new entry is written in place, which costs a third of a temp file and
     a rename: OpenVPN reads it only when the host connects, and the host has
-    no certificate to connect with until its enrollment answer. A changed
-    entry is replaced atomically; an unchanged one (every reboot) is left be.
+    no certificate to connect with until its enrollment answer (a crash
+    meanwhile is mended by reconcile_state). A changed entry is replaced
+    atomically; an unchanged one (every reboot) is left be. True if written.
     """
     path = config.state.ccd_entry(provider.name, name)
     entry = f"ifconfig-push {address} {segment(config, provider).netmask}\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        if read_text(path) != entry:
-            write_file(path, entry, 0o644)
-        return
+        if read_text(path) == entry:
+            return False
+        write_file(path, entry, 0o644)
+        return True
     try:
         os.fchmod(fd, 0o644)
         os.write(fd, entry.encode())
     finally:
         os.close(fd)
+    return True
+
+
+def reconcile_state(config, store):
+    """Make the state directory agree with the database, as a crash may have
+    left it: every enrolled host's client-config entry whole, no entry of a
+    host that is not (a crash between writing it and the host's row), no
+    temp file of write_file's. Returns one line per kind of fix, for the log."""
+    fixed = collections.defaultdict(list)
+    hosts = store.hosts()
+    live = {(h["provider"], h["name"]) for h in hosts if h["revoked_at"] is None}
+    for provider in config.providers.values():
+        directory = config.state.ccd_dir(provider.name)
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            if not name.startswith(".dynfarm-") and (provider.name, name) not in live:
+                remove_ccd(config, provider.name, name)
+                fixed["removed the client-config entries of hosts not enrolled"].append(name)
+        for host in hosts:
+            if host["provider"] == provider.name and (provider.name, host["name"]) in live:
+                if write_ccd(config, provider, host["name"], host["address"]):
+                    fixed["wrote missing or partial client-config entries"].append(host["name"])
+    for root, _, names in os.walk(config.state.root):
+        for name in names:
+            if name.startswith(".dynfarm-"):
+                os.unlink(os.path.join(root, name))
+                fixed["removed temp files of interrupted writes"].append(config.state.relative(os.path.join(root, name)))
+    return [f"{what}: {', '.join(items)}" for what, items in fixed.items()]
 
 
 def remove_ccd(config, provider_name, name):
@@ -2338,6 +2367,8 @@ class App:
         self.nonces = Nonces()
         self.guesses = Guesses()
         self.events = open_events(config)
+        for fix in reconcile_state(config, self.store):
+            log(f"state reconciled with the database: {fix}")
         self.retired_seen = 0  # the last retired row whose address free_from took into account
         self.routes = {
             ("POST", "/v1/enroll"): self.enroll,
