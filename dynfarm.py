@@ -382,7 +382,8 @@ def load_config(path):
             raise UsageError(f"{path}: [{section}]: '{name}' is reserved ('dynfarm.py token {name}'); "
                              "choose another provider name")
         if kind == "provider" and PROVIDER_RE.fullmatch(name):
-            providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path)
+            providers[name] = parse_provider(name, section_values(parser, section, PROVIDER_KEYS, path), base, path,
+                                             os.path.join(base, site["state_dir"]))
         elif kind == "link" and LINK_RE.fullmatch(name):
             links[name] = parse_link(name, section_values(parser, section, LINK_KEYS, path), len(links), path)
         elif kind in ("provider", "link"):
@@ -446,7 +447,7 @@ def parse_listen(text, path):
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def parse_provider(name, values, base, path):
+def parse_provider(name, values, base, path, state_dir):
     where = f"{path}: [provider:{name}]"
     try:
         port = int(values["vpn_port"])
@@ -465,10 +466,10 @@ def parse_provider(name, values, base, path):
         networks = [ipaddress.IPv4Network(n, strict=False) for n in values["networks"].replace(",", " ").split()]
     except ValueError as e:
         raise UsageError(f"{where} networks: {e}")
-    files = customization_path(values["files"], base, where, "files") if values["files"] else ""
+    files = customization_path(values["files"], base, where, "files", state_dir) if values["files"] else ""
     if files and not os.path.isdir(files):
         raise UsageError(f"{where} files = {values['files']}: not a directory")
-    commands = [customization_path(c, base, where, "commands") for c in values["commands"].split()]
+    commands = [customization_path(c, base, where, "commands", state_dir) for c in values["commands"].split()]
     for command in commands:
         if not os.path.isfile(command):
             raise UsageError(f"{where} commands: {command}: no such file")
@@ -502,11 +503,18 @@ def check_bridged(site, providers, path):
         seen.append(p)
 
 
-def customization_path(relative, base, where, key):
-    """Resolve a customization path; it must stay inside the configuration's tree."""
-    resolved = os.path.realpath(os.path.join(base, relative))
-    if os.path.commonpath([resolved, os.path.realpath(base)]) != os.path.realpath(base):
-        raise UsageError(f"{where} {key} = {relative}: escapes the configuration directory {base}")
+def customization_path(given, base, where, key, state_dir):
+    """Resolve a customization path (absolute, or relative to site.conf's
+    directory). Whatever it names goes to every VM of the provider, so it
+    must not be, hold, or lie in the state directory with the site's
+    secrets, nor be the whole file system."""
+    resolved = os.path.realpath(os.path.join(base, given))
+    state = os.path.realpath(state_dir)
+    if resolved == "/":
+        raise UsageError(f"{where} {key} = {given}: the whole file system would go to every VM")
+    if os.path.commonpath([resolved, state]) in (resolved, state):
+        raise UsageError(f"{where} {key} = {given}: would send the state directory {state} (the CA key, "
+                         "the database) to every VM; keep customization elsewhere")
     return resolved
 
 

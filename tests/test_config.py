@@ -28,8 +28,10 @@ def config_error(tmp_path, conf, capsys):
     (("vpn_port = 1194", "vpn_prot = 1194"), "unknown key 'vpn_prot'"),
     (("[site]", "[sight]"), "missing [site] section"),
     (("10.9.0.0/29", "10.8.0.0/25"), "overlaps"),
-    (("files = custom/aruba/files", "files = ../../etc"), "escapes the configuration directory"),
-    (("commands = custom/aruba/setup.sh", "commands = custom/../../x.sh"), "escapes the configuration directory"),
+    (("files = custom/aruba/files", "files = /"), "the whole file system would go to every VM"),
+    (("files = custom/aruba/files", "files = ."), "would send the state directory"),        # holds state/
+    (("files = custom/aruba/files", "files = state/pki"), "would send the state directory"),
+    (("commands = custom/aruba/setup.sh", "commands = state/pki/ca.key"), "would send the state directory"),
     (("vpn_port = 1195", "vpn_port = 1194"), "both use udp port 1194"),
     (("encap = vxlan", "encap = ipip"), "expected one of gre, vxlan"),
     (("[provider:other]", "[provider:Other-1]"), "bad name"),
@@ -155,3 +157,15 @@ def test_openvpn_server_config_parses_with_real_openvpn(site, tmp_path):
                            "--route-noexec", "--verb", "0", "--show-ciphers"],
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
+
+
+def test_customization_may_live_anywhere_else(tmp_path):
+    """An admin keeps site.conf in /etc/dynfarm and the trees in /srv: absolute paths are fine."""
+    elsewhere = tmp_path / "srv" / "aruba"
+    (elsewhere / "files" / "etc").mkdir(parents=True)
+    (elsewhere / "join.sh").write_text("true\n")
+    conf = SITE_CONF.replace("files = custom/aruba/files", f"files = {elsewhere}/files").replace(
+        "commands = custom/aruba/setup.sh", f"commands = {elsewhere}/join.sh")
+    config = dynfarm.load_config(write_site(str(tmp_path / "etc"), conf))
+    assert config.providers["aruba"].files == str(elsewhere / "files")
+    assert config.providers["aruba"].commands == [str(elsewhere / "join.sh")]
