@@ -6,8 +6,8 @@
 # It
 #   1. reads its settings (default /etc/dynfarm/client.conf; see usage below),
 #   2. makes sure only one copy of itself runs (lock directory with a pid file),
-#   3. makes sure python3 and openvpn are installed, installing them with the
-#      distribution's package manager if not,
+#   3. makes sure python3, openvpn and openssl are installed, installing them
+#      with the distribution's package manager if not,
 #   4. fetches dynfarm.py from the enrollment server if it is missing, over TLS
 #      pinned to the site CA and checked against the X-Dynfarm-Sha256 header,
 #   5. runs `dynfarm.py client`, which enrolls (or re-enrolls) the VM, brings
@@ -30,7 +30,7 @@ usage() {
     printf '%s\n' \
         'usage: dynfarm-client.sh [-c SETTINGS] [-h]' \
         '' \
-        'Boot hook of a dynfarm worker VM: installs python3 and openvpn if missing,' \
+        'Boot hook of a dynfarm worker VM: installs python3, openvpn and openssl if missing,' \
         'fetches dynfarm.py from the enrollment server if missing, and runs' \
         '"dynfarm.py client" (enroll, VPN up, customize). Run it as root at boot.' \
         '' \
@@ -340,7 +340,7 @@ close_metadata() {
     warn "could not close $METADATA to non-root processes (iptables -I $*); its user-data holds the token"
 }
 
-# === python3 and openvpn ===
+# === python3, openvpn, openssl ===
 
 ensure_tools() {
     set --
@@ -350,6 +350,10 @@ ensure_tools() {
     if ! command -v openvpn >/dev/null 2>&1; then
         set -- "$@" openvpn
     fi
+    # The client makes its key and certificate request with it; slim images lack it.
+    if ! command -v openssl >/dev/null 2>&1; then
+        set -- "$@" openssl
+    fi
     if [ "$#" -gt 0 ]; then
         install_packages "$@"
         for et_cmd in "$@"; do
@@ -357,6 +361,9 @@ ensure_tools() {
                 err "$et_cmd is still not in PATH ($PATH) after installing it; install it by hand" 1
             fi
         done
+    fi
+    if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
+        warn "no sshd on this VM: remote_control cannot reach it (install openssh-server)"
     fi
     # dynfarm.py needs Python 3.9; say so here rather than let it fail obscurely.
     if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' >/dev/null 2>&1; then
@@ -388,7 +395,7 @@ install_packages() {
         ip_manager=apk
         set -- apk add "$@"
     else
-        err "python3 and openvpn are needed and no package manager was found (apt-get, dnf, yum, zypper, apk); install them by hand" 1
+        err "$* needed and no package manager was found (apt-get, dnf, yum, zypper, apk); install them by hand" 1
     fi
     if ! run_logged "$@"; then
         err "$ip_manager could not install the packages ($*); see ${log_file:-the output above}" 1

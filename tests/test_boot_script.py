@@ -101,7 +101,7 @@ if code:
     sys.exit(code)
 if "install" in args or "add" in args:
     here = os.path.dirname(os.path.abspath(sys.argv[0]))
-    for package in ("python3", "openvpn", "iptables"):
+    for package in ("python3", "openvpn", "iptables", "openssl"):
         if package in args:
             shutil.copy2(os.path.join(os.environ["FAKE_PM_SOURCE"], package), here)
 """
@@ -151,9 +151,11 @@ class World:
         write_executable(self.source / "python3", FAKE_PYTHON.format(python=REAL_PYTHON))
         write_executable(self.source / "openvpn", "#!/bin/sh\nexit 0\n")
         write_executable(self.source / "iptables", FAKE_IPTABLES.format(python=REAL_PYTHON))
+        write_executable(self.source / "openssl", "#!/bin/sh\nexit 0\n")
         shutil.copy2(self.source / "python3", self.bin / "python3")
         shutil.copy2(self.source / "openvpn", self.bin / "openvpn")
         shutil.copy2(self.source / "iptables", self.bin / "iptables")
+        shutil.copy2(self.source / "openssl", self.bin / "openssl")
         write_executable(self.bin / "logger", FAKE_LOGGER.format(python=REAL_PYTHON))
 
         self.settings = tmp / "etc" / "client.conf"
@@ -893,3 +895,16 @@ def test_iptables_is_installed_when_missing(world):
     assert world.run().returncode == 0
     assert any("iptables" in call["argv"] for call in world.pm_calls())
     assert iptables_calls(world) == [["-C"] + RULE, ["-I"] + RULE]
+
+
+def test_a_slim_image_gets_openssl_or_one_line_naming_it(world):
+    (world.bin / "openssl").unlink()
+    result = world.run()
+    assert result.returncode == 1
+    assert errors(result) == ["dynfarm-client: error: openssl needed and no package manager was found "
+                              "(apt-get, dnf, yum, zypper, apk); install them by hand"]
+    assert world.client_calls() == []
+    world.add_package_manager("apk")
+    assert world.run().returncode == 0
+    assert any(call["argv"] == ["add", "openssl"] for call in world.pm_calls())
+    assert len(world.client_calls()) == 1
