@@ -1,9 +1,10 @@
 # dynfarm: `make help` lists the targets.
 PYTHON ?= python3
 VENV ?= .venv
-DEBS := openvpn openssh-server openssh-client iptables iproute2 iputils-ping openssl dash busybox slurm-wlm munge
+DEBS := openvpn openssh-server openssh-client iptables iproute2 iputils-ping openssl dash busybox slurm-wlm munge \
+	cloud-init
 # The programs the unit tests run, all from DEBS.
-UNIT_PROGRAMS := openssl openvpn ssh-keygen dash busybox
+UNIT_PROGRAMS := openssl openvpn ssh-keygen dash busybox cloud-init
 # openvpn is in /usr/sbin, which a user's PATH may lack; the tests find it by PATH.
 WITH_SBIN := PATH="$$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 PYTEST := $(VENV)/bin/python -m pytest

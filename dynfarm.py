@@ -44,6 +44,7 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import gzip
 import hashlib
 import hmac
 import http
@@ -3324,12 +3325,15 @@ main "$@"
 
 
 def cloud_init(script):
-    encoded = base64.b64encode(script.encode()).decode()
+    """The bootstrap script as cloud-config user-data. Compressed (cloud-init
+    inflates write_files content itself): EC2 takes 16 KB of user-data at
+    most, and the script with its boot hook is over 25 KB."""
+    encoded = base64.b64encode(gzip.compress(script.encode(), 9, mtime=0)).decode()
     return ("#cloud-config\n"
             "write_files:\n"
             "  - path: /run/dynfarm-bootstrap.sh\n"
             "    permissions: '0700'\n"
-            "    encoding: b64\n"
+            "    encoding: gz+b64\n"
             f"    content: {encoded}\n"
             "runcmd:\n"
             "  - [sh, /run/dynfarm-bootstrap.sh]\n")

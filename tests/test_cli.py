@@ -6,6 +6,7 @@ and command lines that must be refused as usage errors (exit 2).
 """
 
 import base64
+import gzip
 import json
 import os
 import subprocess
@@ -31,13 +32,21 @@ def test_bootstrap_is_valid_posix_sh_with_a_fresh_token(site, capsys):
     assert "DYNFARM_SERVER=https://127.0.0.1:0" in script
 
 
-def test_bootstrap_cloud_init_carries_the_same_script(site, capsys):
+def test_bootstrap_cloud_init_carries_the_script_and_fits_every_provider(site, capsys, tmp_path):
     config, _, _ = site
     assert dynfarm.main(["-c", config.path, "bootstrap", "aruba", "--cloud-init"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("#cloud-config\n")
+    assert len(text.encode()) < 14 * 1024            # EC2 takes 16 KB of user-data
     encoded = next(line.split(":", 1)[1].strip() for line in text.splitlines() if "content:" in line)
-    assert base64.b64decode(encoded).decode().startswith("#!/bin/sh")
+    assert "encoding: gz+b64" in text
+    script = gzip.decompress(base64.b64decode(encoded)).decode()
+    assert script.startswith("#!/bin/sh") and script.rstrip().endswith('main "$@"')
+    (tmp_path / "user-data").write_text(text)
+    # the Debian package's own check (make deps installs cloud-init)
+    checked = subprocess.run(["cloud-init", "schema", "--config-file", str(tmp_path / "user-data")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # --- remote_control ---------------------------------------------------------------
