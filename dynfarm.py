@@ -1480,6 +1480,12 @@ def openvpn_server_config(config, provider):
         "tls-version-min 1.2",
         "remote-cert-tls client",
         "keepalive 10 60",
+    ] + ([
+        # Stopped or restarted, the server tells its clients to reconnect at
+        # once; else each would wait out its ping-restart (60 s). Killed, it
+        # cannot: then they do wait.
+        "explicit-exit-notify 1",
+    ] if provider.vpn_proto == "udp" else []) + [
         "persist-key",
         "persist-tun",
         f"status {config.state.vpn_status(provider.name)} 5",

@@ -35,9 +35,14 @@ class Farm:
         self.dir = site_dir
         self.conf = os.path.join(site_dir, "site.conf")
         self.server = None
+        self.vpn = {}          # provider -> its OpenVPN server's process
 
     def dynfarm(self, *args, node="site", check=True, input=None):
         return self.world.run(node, [sys.executable, DYNFARM, "-c", self.conf, *args], check=check, input=input)
+
+    def start_vpn(self, provider):
+        self.vpn[provider] = self.world.spawn("site", [sys.executable, DYNFARM, "-c", self.conf, "vpn", provider],
+                                              os.path.join(self.dir, f"vpn-{provider}.log"))
 
     def start_server(self):
         self.server = self.world.spawn("site", [sys.executable, DYNFARM, "-c", self.conf, "server"],
@@ -116,8 +121,7 @@ def running_farm(tmp, vms=VMS, conf=SITE_CONF, hosts=()):
         if "mode = bridged" in conf:       # the taps must be in the bridge before OpenVPN opens them
             farm.dynfarm("links", "up")
         for provider in ("aruba", "other"):
-            world.spawn("site", [sys.executable, DYNFARM, "-c", farm.conf, "vpn", provider],
-                        os.path.join(site_dir, f"vpn-{provider}.log"))
+            farm.start_vpn(provider)
         farm.start_server()
         for vm in vms:
             world.start_sshd(vm)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import pytest
 
 from farm import DYNFARM, VMS, read, running_farm, wait_for
@@ -224,6 +225,22 @@ def test_token_of_one_provider_cannot_enroll_into_another(farm):
     done = fresh_client(farm, "vm1", token, "--provider", "aruba")
     assert done.returncode == 1 and "belongs to provider other, not aruba" in done.stderr
     assert table_dump(farm) == before
+
+
+def test_vms_come_back_by_themselves_when_the_vpn_server_restarts(farm):
+    """A restart of the provider's OpenVPN server (its unit restarted, say):
+    every VM reconnects with its address, no action on the VMs."""
+    before = {name: h["address"] for name, h in farm.hosts().items() if h["provider"] == "aruba"}
+    farm.write_known_hosts()
+    farm.vpn["aruba"].terminate()
+    farm.vpn["aruba"].wait(10)
+    started = time.monotonic()
+    farm.start_vpn("aruba")
+    wait_for(lambda: farm.dynfarm("remote_control", "-p", "aruba", "run", "--", "true", check=False).returncode == 0,
+             "every VM reachable again", timeout=30)
+    print(f"all {len(before)} VMs back {time.monotonic() - started:.1f} s after the restart")
+    assert {name: h["address"] for name, h in farm.hosts().items() if h["provider"] == "aruba"} == before
+    assert {h["state"] for name, h in farm.hosts().items() if name in before} == {"connected"}
 
 
 def test_revoked_host_is_cut_off_and_refused(farm):
