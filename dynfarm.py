@@ -93,6 +93,7 @@ HOST_KEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [
 MACHINE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
+NONCE_RE = re.compile(r"[0-9]{1,12}\.[0-9a-f]{8}\.[0-9a-f]{24}")
 
 
 # === Errors ===
@@ -820,7 +821,8 @@ class EventLog(Store):
     refused, revoked, retired, and which tokens were made or revoked, with
     time, provider and source; never a secret. A file of its own, so that
     writing it never waits on an enrollment's lock, and a flood of bad
-    requests fills no more than its MAX_EVENTS rows. Refusals are counted
+    requests fills no more than MAX_EVENTS rows of refusals (and never
+    pushes out the other events). Refusals are counted
     in memory and written within FLUSH_SECONDS, one row per provider,
     source and reason: a flood costs a counter per request, not a write."""
 
@@ -858,7 +860,10 @@ class EventLog(Store):
             self.db.executemany(
                 "INSERT INTO events (at, kind, provider, source, detail, count) VALUES (?, 'refused', ?, ?, ?, ?)",
                 [(at, provider, source, reason, count) for (provider, source, reason), (count, at) in refusals.items()])
-            self.db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (self.MAX_EVENTS,))
+            # Refusals make room among themselves: a flood of them must not
+            # push out the record of what was enrolled, revoked or made.
+            self.db.execute("DELETE FROM events WHERE kind = 'refused' AND id <= (SELECT id FROM events "
+                            "WHERE kind = 'refused' ORDER BY id DESC LIMIT 1 OFFSET ?)", (self.MAX_EVENTS,))
 
     def events(self, since=0.0, host=None):
         rows = self.db.execute("SELECT * FROM events WHERE at >= ? AND (? IS NULL OR host = ?) ORDER BY at, id",
@@ -1236,12 +1241,10 @@ def check_public_key(spki):
     params = spki[algorithm[1][1]:algorithm[1][2]] if len(algorithm) > 1 else None
     key = bit_string_bytes(spki, top[1])
     if oid == OID_RSA and params == b"\x05\x00":
-        numbers = der_children(key, der_element(key, 0)[1], len(key)) if key[:1] == b"\x30" else []
-        if [t for t, _, _ in numbers] != [0x02, 0x02]:
-            raise ValueError("bad RSA key")
-        n, e = (int.from_bytes(element_value(key, x), "big", signed=True) for x in numbers)
-        if not (2048 <= n.bit_length() <= 16384 and n % 2 and 3 <= e < n and e % 2):
-            raise ValueError(f"RSA key of {max(n.bit_length(), 0)} bits or a bad exponent; {KEY_POLICY} accepted")
+        n, e = rsa_numbers(key)
+        if not (2048 <= n.bit_length() <= 16384 and n % 2 and 3 <= e <= 2**32 and e % 2):
+            raise ValueError(f"RSA key of {max(n.bit_length(), 0)} bits or an exponent not odd from 3 to 2^32; "
+                             f"{KEY_POLICY} accepted")
     elif oid == OID_EC and params in CURVES:
         check_ec_point(key, *CURVES[params])
     elif oid == OID_ED25519 and params is None:
@@ -1251,16 +1254,31 @@ def check_public_key(spki):
     return oid
 
 
+def rsa_numbers(key):
+    """(n, e) of a DER RSAPublicKey that fills its BIT STRING, in minimal INTEGERs:
+    one key, one encoding, so one key_id (and what openssl re-encodes is what was sent)."""
+    der_check(key, 0, len(key))
+    tag, start, end = der_element(key, 0)
+    numbers = der_children(key, start, end) if tag == 0x30 and end == len(key) else []
+    if [t for t, _, _ in numbers] != [0x02, 0x02]:
+        raise ValueError("bad RSA key")
+    values = []
+    for number in numbers:
+        raw = element_value(key, number)
+        if not raw or raw[0] & 0x80 or (len(raw) > 1 and raw[0] == 0 and not raw[1] & 0x80):
+            raise ValueError("RSA key: an INTEGER negative or not in its shortest form")
+        values.append(int.from_bytes(raw, "big"))
+    return values
+
+
 def check_ec_point(point, name, p, b, size):
-    """A point on the curve (uncompressed, or compressed with an x that has a y)."""
+    """An uncompressed point on the curve. Compressed points are refused: the
+    key_id is the hash of the key as sent, and one key must have one id."""
+    if point[:1] in (b"\x02", b"\x03"):
+        raise ValueError("EC public key: send the point uncompressed (openssl's default)")
     if point[:1] == b"\x04" and len(point) == 1 + 2 * size:
         x, y = int.from_bytes(point[1:1 + size], "big"), int.from_bytes(point[1 + size:], "big")
         if x < p and y < p and (y * y - (x * x * x - 3 * x + b)) % p == 0:
-            return
-    elif point[:1] in (b"\x02", b"\x03") and len(point) == 1 + size:
-        x = int.from_bytes(point[1:], "big")
-        rhs = (x * x * x - 3 * x + b) % p
-        if x < p and (rhs == 0 or pow(rhs, (p - 1) // 2, p) == 1):
             return
     raise ValueError(f"EC public key: not a point on {name}")
 
@@ -1284,9 +1302,7 @@ def check_signature_shape(der, signature, key_type, spki):
     if key_type == OID_ED25519:
         ok = len(value) == 64
     elif key_type == OID_RSA:
-        modulus = der_children(spki, der_element(spki, 0)[1], len(spki))[1]
-        key = bit_string_bytes(spki, modulus)
-        n = int.from_bytes(element_value(key, der_children(key, der_element(key, 0)[1], len(key))[0]), "big")
+        n, _ = rsa_numbers(bit_string_bytes(spki, der_children(spki, der_element(spki, 0)[1], len(spki))[1]))
         ok = len(value) == (n.bit_length() + 7) // 8
     else:
         pair = der_children(value, der_element(value, 0)[1], len(value)) if value[:1] == b"\x30" else []
@@ -1381,7 +1397,8 @@ class PKI:
             detail = detail[-1] if detail else f"exit {done.returncode}"
             # check_csr lets through only what openssl should read; if it
             # cannot, the request is at fault (400), else the CA is (500).
-            if run(["openssl", "req", "-in", "/dev/stdin", "-noout"], input=csr_pem.encode(), check=False).returncode:
+            if run(["openssl", "req", "-in", "/dev/stdin", "-noout", "-pubkey"], input=csr_pem.encode(),
+                   check=False).returncode:
                 raise CSRRejected(f"certificate request rejected: openssl cannot read it ({detail})")
             raise Fatal(f"openssl could not sign (dynfarm needs OpenSSL 3.0 or newer): {detail}")
         if b"verify OK" not in done.stderr:
@@ -2314,6 +2331,7 @@ class Nonces:
     def __init__(self):
         self.key = secrets.token_bytes(32)
         self.spent = {}        # nonce -> when it expires
+        self.expiries = collections.deque()     # (when, nonce) in the order spent, so by expiry too
         self.lock = threading.Lock()
 
     def new(self):
@@ -2325,18 +2343,20 @@ class Nonces:
 
     def spend(self, nonce):
         """True once for a nonce of ours that has not expired."""
-        stamp, _, rest = nonce.partition(".")
-        random_part, _, mac = rest.partition(".")
-        if not (stamp.isdigit() and len(stamp) <= 12 and hmac.compare_digest(mac, self.mac(f"{stamp}.{random_part}"))):
+        if not NONCE_RE.fullmatch(nonce):
+            return False
+        stamp, random_part, mac = nonce.split(".")
+        if not hmac.compare_digest(mac, self.mac(f"{stamp}.{random_part}")):
             return False
         now = time.time()
         expires = int(stamp) + self.TTL
         with self.lock:
-            for old in [n for n, at in self.spent.items() if at < now]:
-                del self.spent[old]
+            while self.expiries and self.expiries[0][0] < now:     # oldest first: no scan
+                del self.spent[self.expiries.popleft()[1]]
             if expires < now or nonce in self.spent:
                 return False
             self.spent[nonce] = expires
+            self.expiries.append((expires, nonce))
         return True
 
 
@@ -2433,7 +2453,10 @@ class App:
         held = self.reserve(request, fields, pubkey, enrollment.serial)
         if held.created:
             return self.enroll_new_host(request, fields, held, pubkey, enrollment)
-        before = json.loads(self.store.host(held.name)["host_keys"])
+        row = self.store.host(held.name)
+        if row is None:                 # retired since it was found
+            raise RequestError(409, f"host {held.name} was retired while this request was read")
+        before = json.loads(row["host_keys"])
         certificate = self.pki.sign_client(fields["csr"], held.name, held.serial)
         write_ccd(self.config, held.provider, held.name, held.address)
         if not self.enrollment_stands(held, pubkey, enrollment):
@@ -3003,7 +3026,8 @@ class TLSServer:
     the queue is the server's slowness, not the client's. One source
     address (an IPv6 /64) holds max_per_source of them at most: enough for
     a NAT's VMs booting at once (those turned away retry), too few to hold
-    the door.
+    the door; at the global cap, the largest holder's oldest connection
+    that has not sent its request makes room (room_for_one).
     """
 
     max_connections = 1024
@@ -3099,7 +3123,7 @@ class TLSServer:
                 self.selector.unregister(self.socket)
                 return
             source = source_key(peer[0])
-            if len(self.connections) >= self.max_connections or self.per_source[source] >= self.max_per_source:
+            if self.per_source[source] >= self.max_per_source or not self.room_for_one():
                 sock.close()           # at a cap: at once, rather than time out unseen
                 continue
             sock.setblocking(False)
@@ -3112,6 +3136,20 @@ class TLSServer:
             self.connections.add(conn)
             self.per_source[source] += 1
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def room_for_one(self):
+        """At the global cap, make room by closing the oldest connection of the
+        source that holds the most, if it has not yet sent its request: a few
+        addresses of idle connections (each at its per-source cap) must not
+        hold the door. A client that was only slow retries, as from any cap."""
+        if len(self.connections) < self.max_connections:
+            return True
+        (largest, _), = self.per_source.most_common(1)
+        idle = [c for c in self.connections if c.head is None and source_key(c.peer[0]) == largest]
+        if not idle:
+            return False
+        self.close(min(idle, key=lambda c: c.deadline or 0))
+        return True
 
     def advance(self, conn):
         try:

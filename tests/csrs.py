@@ -32,9 +32,10 @@ ACCEPTED = {
     "ec-p256": ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"),
     "ec-p384": ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"),
     "ec-p521": ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"),
-    "ec-p256-compressed": ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "compressed"),
     "ed25519": ("-algorithm", "ED25519"),
 }
+# One key, one key_id: the point must come uncompressed.
+COMPRESSED = ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "compressed")
 REFUSED = {
     "rsa-512": ("-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:512"),
     "rsa-1024": ("-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"),
@@ -131,4 +132,31 @@ MALFORMED = {
     "invalid UTF-8 in the subject": (bad_utf8_subject, "ec-p256", "subject"),
     "SHA-1 signature algorithm": (sha1_signature, "ec-p256", ""),
     "empty skeleton": (empty_skeleton, "ec-p256", "not a certificate request"),
+}
+
+
+def rsa_key_edit(csr, edit):
+    """The CSR with its RSA key replaced by edit(n, e) (the DER of its two
+    INTEGERs) -> the key's DER; the signature is left as it was: the checks
+    before signing must catch these."""
+    der = bytes(der_of(csr))
+    info, algorithm, signature = children(der, (0x30, 0, len(der)))
+    version, subject, spki, attributes = children(info, (0x30, 0, len(info)))
+    key_algorithm, bits = children(spki, (0x30, 0, len(spki)))
+    key = element_body(bits)[1:]              # a BIT STRING: its unused-bits byte, then the key
+    n, e = children(key, (0x30, 0, len(key)))
+    spki = tlv(0x30, key_algorithm + tlv(0x03, b"\x00" + edit(n, e)))
+    return pem_of(tlv(0x30, tlv(0x30, version + subject + spki + attributes) + algorithm + signature))
+
+
+def element_body(element):
+    _, start, end = dynfarm.der_element(element, 0)
+    return element[start:end]
+
+
+RSA_EDITS = {   # what openssl misreads, or reads and re-encodes: one key, several ids
+    "exponent outside the key's SEQUENCE": lambda n, e: tlv(0x30, n) + e,
+    "modulus padded with a zero": lambda n, e: tlv(0x30, tlv(0x02, b"\x00" + element_body(n)) + e),
+    "exponent padded with a zero": lambda n, e: tlv(0x30, n + tlv(0x02, b"\x00" + element_body(e))),
+    "exponent of 3072 bits": lambda n, e: tlv(0x30, n + tlv(0x02, (2**3071 + 1).to_bytes(385, "big"))),
 }

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import dynfarm
-from csrs import ACCEPTED, MALFORMED, REFUSED, csr_for
+from csrs import ACCEPTED, COMPRESSED, MALFORMED, REFUSED, RSA_EDITS, csr_for, rsa_key_edit
 from helpers import call, db_snapshot, enroll_body
 
 
@@ -54,3 +54,18 @@ def test_pem_parsing_is_linear_in_a_header_followed_by_spaces():
         with pytest.raises(ValueError):
             dynfarm.pem_to_der(text, "CERTIFICATE REQUEST")
     assert time.process_time() - started < 5     # a generous ceiling: about 10 ms here
+
+
+def test_a_compressed_point_is_refused_one_key_one_id():
+    with pytest.raises(ValueError, match="uncompressed"):
+        dynfarm.check_csr(csr_for(*COMPRESSED))
+
+
+@pytest.mark.parametrize("case", sorted(RSA_EDITS))
+def test_rsa_keys_openssl_would_misread_or_re_encode_are_refused(app, case):
+    csr = rsa_key_edit(csr_for(*ACCEPTED["rsa-2048"]), RSA_EDITS[case])
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    before = db_snapshot(app.store)
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, csr))
+    assert status == 400 and answer["error"].startswith("field 'csr'"), answer
+    assert db_snapshot(app.store) == before

@@ -625,3 +625,30 @@ def test_bad_reports_get_400_and_change_nothing(app, make_csr, raw, message):
     assert db_snapshot(app.store) == before
     good = b'{"ok": true, "steps": [], "ready_seconds": 0.2}'
     assert call(app, "/v1/report", good, peer=(host["name"], host["pubkey_sha256"]))[0] == 200
+
+
+@pytest.mark.parametrize("nonce", ["1.a.\u00e9", "1.12345678." + "\u00e9" * 24, "1.12345678." + "0" * 23 + "\u0660",
+                                   "\u0661.12345678." + "0" * 24, "1.12345678." + "0" * 24 + "\n"])
+def test_a_nonce_of_any_characters_is_refused_not_a_500(nonce):
+    assert dynfarm.Nonces().spend(nonce) is False
+
+
+def test_spent_nonces_are_forgotten_in_order_of_expiry(monkeypatch):
+    nonces, now = dynfarm.Nonces(), time.time()
+    given = [nonces.new() for _ in range(3)]
+    assert all(nonces.spend(n) for n in given)
+    monkeypatch.setattr(dynfarm.time, "time", lambda: now + dynfarm.Nonces.TTL + 2)
+    fresh = nonces.new()
+    assert nonces.spend(fresh)                                # a spend prunes what expired
+    assert list(nonces.spent) == [fresh] and len(nonces.expiries) == 1
+
+
+def test_a_host_retired_while_its_re_enrollment_is_read_gets_409_not_500(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    key, csr = make_csr()
+    call(app, "/v1/enroll", enroll_body(token, csr))
+    monkeypatch.setattr(dynfarm.Store, "host", lambda self, name: None)       # retired after reserve found it
+    monkeypatch.setattr(app, "reserve", lambda *a: dynfarm.Reservation(
+        app.config.providers["aruba"], "aruba-0001", None, "10.8.0.2", "ab", None, False))
+    status, answer, _ = call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))
+    assert status == 409 and "was retired" in answer["error"]

@@ -82,3 +82,14 @@ def test_revokes_retirements_and_tokens_are_recorded_without_secrets(app, make_c
 def test_no_events_says_so(app, capsys):
     assert dynfarm.main(["-c", app.config.path, "events", "--host", "nobody"]) == 0
     assert "no events of nobody" in capsys.readouterr().err
+
+
+def test_a_flood_of_refusals_never_pushes_out_the_other_events(app, make_csr, monkeypatch):
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+    monkeypatch.setattr(dynfarm.EventLog, "MAX_EVENTS", 5)
+    for i in range(12):
+        call(app, f"/wipe-{i}", b"", method="GET")
+        app.events.flush()
+    kinds = [e["kind"] for e in app.events.events()]
+    assert kinds == ["enrolled"] + ["refused"] * 5
