@@ -2064,6 +2064,25 @@ def links_peer(config, name, down=False):
 
 # === Site: init, revoke, retire ===
 
+def check_secrets(config):
+    """Refuse to run on secrets that others could read: the state directory
+    (0700), the CA and server keys, the tls-crypt keys and the databases
+    (0600), all owned by whoever runs dynfarm. What is missing is init's."""
+    secrets_ = [config.state.root, config.state.ca_key, config.state.server_key, config.state.database,
+                config.state.events] + [config.state.tls_crypt_key(p) for p in config.providers]
+    for path in secrets_:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_uid != os.geteuid():
+            raise UsageError(f"{path} belongs to uid {st.st_uid}, not to uid {os.geteuid()} that runs dynfarm: "
+                             f"run dynfarm as its owner, or chown {os.geteuid()} {path}")
+        if st.st_mode & 0o077:
+            wanted = "700" if stat.S_ISDIR(st.st_mode) else "600"
+            raise UsageError(f"{path} is mode {stat.S_IMODE(st.st_mode):04o}, open to others: chmod {wanted} {path}")
+
+
 def init_site(config):
     """Create what the site state lacks; the list of what was added (empty: it was complete)."""
     added = []
@@ -3144,6 +3163,8 @@ class TLSServer:
         hold the door. A client that was only slow retries, as from any cap."""
         if len(self.connections) < self.max_connections:
             return True
+        if not self.per_source:
+            return False
         (largest, _), = self.per_source.most_common(1)
         idle = [c for c in self.connections if c.head is None and source_key(c.peer[0]) == largest]
         if not idle:
@@ -4668,6 +4689,8 @@ def main(argv=None):
     ECHO_COMMANDS = args.verbose
     try:
         config = load_config(args.config) if getattr(args, "needs_config", True) else None
+        if config is not None:
+            check_secrets(config)
         return args.func(args, config)
     except Fatal as e:
         sys.stderr.write(f"dynfarm: {e}\n")

@@ -169,3 +169,27 @@ def test_customization_may_live_anywhere_else(tmp_path):
     config = dynfarm.load_config(write_site(str(tmp_path / "etc"), conf))
     assert config.providers["aruba"].files == str(elsewhere / "files")
     assert config.providers["aruba"].commands == [str(elsewhere / "join.sh")]
+
+
+@pytest.mark.parametrize("secret, mode, fix", [
+    ("", 0o755, "chmod 700"),
+    ("pki/ca.key", 0o640, "chmod 600"),
+    ("pki/server.key", 0o604, "chmod 600"),
+    ("openvpn/aruba.tlscrypt", 0o644, "chmod 600"),
+    ("dynfarm.db", 0o660, "chmod 600"),
+])
+def test_secrets_open_to_others_are_refused_with_the_fix(site, capsys, secret, mode, fix):
+    config = site[0]
+    path = os.path.join(config.state.root, secret) if secret else config.state.root
+    os.chmod(path, mode)
+    for command in (["token", "aruba"], ["remote_control", "list"], ["init"]):
+        assert dynfarm.main(["-c", config.path, *command]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == f"dynfarm: {path.rstrip('/')} is mode {mode:04o}, open to others: {fix} {path.rstrip('/')}"
+
+
+def test_secrets_of_another_owner_are_refused(site, capsys, monkeypatch):
+    config = site[0]
+    monkeypatch.setattr(dynfarm.os, "geteuid", lambda: 4242)
+    assert dynfarm.main(["-c", config.path, "remote_control", "list"]) == 2
+    assert "not to uid 4242 that runs dynfarm" in capsys.readouterr().err

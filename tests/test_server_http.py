@@ -313,22 +313,31 @@ def test_a_large_answer_reaches_a_slow_reader_whole(server, monkeypatch):
     assert hashlib.sha256(body).hexdigest().encode() in head
 
 
-def test_connections_past_the_cap_are_closed_at_once(server):
+def test_at_the_cap_the_oldest_idle_connection_makes_room(server):
     httpd, ctx, _ = server
     httpd.max_connections = 3
     httpd.request_timeout = 60                   # so that only the cap can close them here
-    idle = [socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) for _ in range(3)]
+    idle = []
+    for _ in range(3):
+        idle.append(socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10))
+        time.sleep(0.05)                         # accepted in this order, waiting for their handshakes
     try:
-        time.sleep(0.3)                          # accepted, waiting for their handshakes
-        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as extra:
-            assert extra.recv(1) == b""          # closed, where a timeout would raise
+        time.sleep(0.2)
+        assert healthy(httpd, ctx)               # served: the oldest idle one was closed for it
+        assert idle[0].recv(1) == b""            # closed, where a timeout would raise
+        idle[1].settimeout(0.3)
+        with pytest.raises(socket.timeout):      # the younger ones are left be
+            idle[1].recv(1)
     finally:
         for sock in idle:
             sock.close()
-    deadline = time.monotonic() + 10
-    while len(httpd.connections) >= 3 and time.monotonic() < deadline:
-        time.sleep(0.05)                         # until the server has seen them go
-    assert healthy(httpd, ctx)
+
+
+def test_past_the_cap_a_connection_is_closed_at_once_when_none_is_idle(server, monkeypatch):
+    httpd, ctx, _ = server
+    httpd.max_connections = 0                    # nobody to make room: the cap alone decides
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as extra:
+        assert extra.recv(1) == b""              # closed, where a timeout would raise
 
 
 def test_a_busy_port_is_one_clear_error(site):
