@@ -38,6 +38,7 @@ The enrollment API (a client can be written from this):
 
 import argparse
 import base64
+import calendar
 import collections
 import configparser
 import dataclasses
@@ -1622,6 +1623,8 @@ def exec_vpn_server(config, provider):
     if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
         raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
     write_server_config(config, provider)
+    # The CRL has a next update; written anew at each start, it cannot lapse under a running site.
+    PKI(config.state).write_crl(open_store(config))
     argv = ["openvpn", "--config", config.state.vpn_config(provider.name)]
     if ECHO_COMMANDS:
         log("[#] " + " ".join(shlex.quote(a) for a in argv))
@@ -2022,7 +2025,13 @@ def links_down(config):
 
 
 def links_status(config):
-    """Print each link's state and whether its peer answers; 1 if links are up and a peer is silent."""
+    """Print the PKI's dates (a warning well before one lapses), then each
+    link's state and whether its peer answers; 1 if links are up and a peer
+    is silent, or a date is near."""
+    near = False
+    for line, warn in pki_dates(config):
+        print(("WARNING: " if warn else "") + line)
+        near = near or warn
     up = read_record(config.state.links_record) is not None
     print(f"mode {config.mode}; links {'up' if up else 'down'}")
     if config.mode == "bridged":
@@ -2049,7 +2058,37 @@ def links_status(config):
         print(format_table(rows, ["link", "encap", "address", "device", "state", "peer"]))
     else:
         print("no [link:NAME] sections: VMs reach only the VPN server")
-    return 0 if all(r["peer"] == "answers" for r in rows) or not up else 1
+    return 0 if (all(r["peer"] == "answers" for r in rows) or not up) and not near else 1
+
+
+WARN_BEFORE = 60 * 86400        # how early `links status` warns of a date: two months
+
+
+def pki_dates(config, now=None):
+    """(line, near) for the CA's and the server certificate's expiry and the
+    CRL's next update. Past its next update OpenVPN refuses every client, so
+    it must never lapse: `vpn` and each revoke regenerate it."""
+    now = now or time.time()
+    dates = [("site CA expires", cert_expires(read_text(config.state.ca_cert)),
+              "make a new CA: every VM must then be enrolled again (see README, Operations)"),
+             ("server certificate expires", cert_expires(read_text(config.state.server_cert)),
+              "run 'dynfarm.py init', which renews it"),
+             ("revocation list (CRL) must be renewed by", crl_next_update(config.state.crl),
+              "restart 'dynfarm.py vpn' for each provider, or revoke a host: either writes it anew")]
+    lines = []
+    for what, when, fix in dates:
+        left = when - now
+        days = f"in {int(left // 86400)} days" if left > 0 else "passed"
+        line = f"{what} {time.strftime('%Y-%m-%d', time.gmtime(when))} ({days})"
+        lines.append((f"{line}; {fix}" if left < WARN_BEFORE else line, left < WARN_BEFORE))
+    return lines
+
+
+def crl_next_update(path):
+    """nextUpdate of the CRL, as a Unix time."""
+    text = run(["openssl", "crl", "-in", path, "-noout", "-nextupdate"]).stdout.decode()
+    stamp = text.strip().split("=", 1)[1]
+    return calendar.timegm(time.strptime(stamp, "%b %d %H:%M:%S %Y GMT"))
 
 
 def links_peer(config, name, down=False):

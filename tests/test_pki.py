@@ -5,6 +5,7 @@ signs a key other than the request's; a certificate carries the key of its
 request, and the DER parser turns junk away.
 """
 
+import os
 import subprocess
 
 import pytest
@@ -86,3 +87,29 @@ def test_csr_and_certificate_carry_the_same_key(app, make_csr):
 def test_der_parser_rejects_junk(junk):
     with pytest.raises(ValueError):
         dynfarm.public_key_of(junk, 2)
+
+
+# --- dates that must not lapse ------------------------------------------------------
+
+def test_links_status_shows_the_pki_dates_and_warns_two_months_ahead(site, capsys, monkeypatch):
+    config = site[0]
+    assert dynfarm.main(["-c", config.path, "links", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "site CA expires" in out and "server certificate expires" in out and "(CRL) must be renewed by" in out
+    assert "WARNING" not in out
+    server_expires = dynfarm.cert_expires(open(config.state.server_cert).read())
+    later = server_expires - 30 * 86400
+    monkeypatch.setattr(dynfarm.time, "time", lambda: later)
+    assert dynfarm.main(["-c", config.path, "links", "status"]) == 1
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    assert warning.startswith("WARNING: server certificate expires") and "in 30 days" in warning
+    assert "run 'dynfarm.py init', which renews it" in warning
+
+
+def test_vpn_start_writes_the_crl_anew(site, monkeypatch):
+    config, store, pki = site
+    os.utime(config.state.crl, (0, 0))
+    monkeypatch.setattr(dynfarm.os, "execvp", lambda *a: None)      # not become openvpn here
+    dynfarm.exec_vpn_server(config, config.providers["aruba"])
+    assert os.stat(config.state.crl).st_mtime > 1
+    assert dynfarm.crl_next_update(config.state.crl) > dynfarm.time.time() + 3000 * 86400
