@@ -43,6 +43,7 @@ import collections
 import configparser
 import dataclasses
 import datetime
+import errno
 import fcntl
 import functools
 import gzip
@@ -135,7 +136,7 @@ class CSRRejected(Exception):
 
 class ServerUnreachable(Exception):
     """The client found nobody answering at the enrollment URL, or was told
-    to come back later (429): either way, a first boot tries again."""
+    to come back later (429, 503): either way, a first boot tries again."""
 
 
 class Challenged(Fatal):
@@ -857,6 +858,12 @@ class EventLog(Store):
             refusals, self.refusals, self.timer = self.refusals, {}, None
         if not refusals:
             return
+        try:
+            self.write_refusals(refusals)
+        except (OSError, sqlite3.OperationalError) as e:    # a full disk: the count is lost, not the server
+            log(f"audit log: cannot record {sum(c for c, _ in refusals.values())} refusals: {e}")
+
+    def write_refusals(self, refusals):
         with self.transaction():
             self.db.executemany(
                 "INSERT INTO events (at, kind, provider, source, detail, count) VALUES (?, 'refused', ?, ?, ?, ?)",
@@ -2377,6 +2384,13 @@ class Guesses:
                 del self.buckets[old]
 
 
+def out_of_space(error):
+    """Is this the state directory refusing writes (full, over quota, read-only)?"""
+    if isinstance(error, sqlite3.OperationalError):
+        return any(words in str(error) for words in ("disk is full", "readonly database", "disk I/O error"))
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 class Nonces:
     """Fresh proofs of possession: a machine already enrolled that comes
     without its certificate must send a CSR naming a nonce the server gave
@@ -2482,6 +2496,20 @@ class App:
             return self.refuse(request, e)
         except CSRRejected as e:
             return self.refuse(request, RequestError(400, str(e)))
+        except (OSError, sqlite3.OperationalError) as e:
+            if not out_of_space(e):
+                raise
+            log(f"{request.peer_ip}: {request.method} {request.path}: the state directory cannot be written ({e}); "
+                "answered 503, nothing recorded")
+            return 503, {"error": "the site cannot record anything now (its disk is full or read-only); "
+                                  "try again later"}, {"Retry-After": "60"}
+
+    def record_event(self, *event):
+        """An audit event; one that cannot be written (a full disk) must not undo what it records."""
+        try:
+            self.events.record(*event)
+        except (OSError, sqlite3.OperationalError) as e:
+            log(f"audit log: cannot record {event[0]} of {event[2]}: {e}")
 
     def refuse(self, request, error):
         """The answer to a refused request, counted in the audit log (its message holds no secret)."""
@@ -2520,11 +2548,11 @@ class App:
         if not self.enrollment_stands(held, pubkey, enrollment):
             raise self.overtaken(held, pubkey)
         log(f"{request.peer_ip}: enrolled {held.name} at {held.address} (again)")
-        self.events.record("re-enrolled", held.provider.name, held.name, request.peer_ip,
-                           "with its certificate" if request.peer_cn else "with a signed nonce")
+        self.record_event("re-enrolled", held.provider.name, held.name, request.peer_ip,
+                          "with its certificate" if request.peer_cn else "with a signed nonce")
         if sorted(before) != sorted(fields["host_keys"]):
-            self.events.record("host-keys-changed", held.provider.name, held.name, request.peer_ip,
-                               f"{key_fingerprints(before)} -> {key_fingerprints(fields['host_keys'])}")
+            self.record_event("host-keys-changed", held.provider.name, held.name, request.peer_ip,
+                              f"{key_fingerprints(before)} -> {key_fingerprints(fields['host_keys'])}")
         return 200, self.enrollment_answer(held, certificate), {}
 
     def enroll_new_host(self, request, fields, held, pubkey, enrollment):
@@ -2544,7 +2572,7 @@ class App:
                 self.free_from[held.provider.name] = min(self.free_from.get(held.provider.name, number), number)
             self.holds.let_go(held, pubkey)
         log(f"{request.peer_ip}: enrolled {held.name} at {held.address}")
-        self.events.record("enrolled", held.provider.name, held.name, request.peer_ip, f"address {held.address}")
+        self.record_event("enrolled", held.provider.name, held.name, request.peer_ip, f"address {held.address}")
         return 200, self.enrollment_answer(held, certificate), {}
 
     def reserve(self, request, fields, pubkey, serial, wait=30.0):
@@ -3593,7 +3621,7 @@ class Client:
             message = f"{self.server} refused {path}: {e.code} {answer.get('error') or e.reason}"
             if e.code == 401 and isinstance(answer.get("nonce"), str):
                 raise Challenged(message, answer["nonce"])
-            if e.code == 429:     # too many failed tokens from our address (a NAT we share): wait, as for a busy server
+            if e.code in (429, 503):    # told to come back (a NAT we share guessed tokens; a full disk)
                 raise ServerUnreachable(message)
             raise (Overtaken if e.code == 409 else Fatal)(message)
         except (urllib.error.URLError, OSError, ValueError) as e:

@@ -237,3 +237,14 @@ def test_a_lost_first_answer_is_recovered_by_proving_the_key(app, client, monkey
     answer = client.enroll()
     assert (answer["name"], answer["address"]) == (lost["name"], lost["address"])
     assert app.store.host(lost["name"])["serial"] == cert_serial(answer["certificate"])
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_told_to_come_back_is_a_busy_server_not_a_refusal(client, monkeypatch, code):
+    def busy(request, timeout, context):
+        raise dynfarm.urllib.error.HTTPError(request.full_url, code, "busy", {},
+                                             io.BytesIO(b'{"error": "try again later"}'))
+    monkeypatch.setattr(dynfarm.urllib.request, "urlopen", busy)
+    monkeypatch.setattr(client, "tls_context", lambda: None)
+    with pytest.raises(dynfarm.ServerUnreachable, match=f"{code} try again later"):
+        client.call("POST", "/v1/enroll", {})
