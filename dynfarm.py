@@ -2336,14 +2336,20 @@ class Holds:
         self.keys.add(pubkey)
         self.uses[held.token_id] += 1
 
-    def let_go(self, held, pubkey):
+    def spent(self, held):
+        """The use is in the database now; under self.changed with the write
+        that spent it, so that reserve never counts it twice."""
+        self.uses[held.token_id] -= 1
+        if not self.uses[held.token_id]:
+            del self.uses[held.token_id]
+
+    def let_go(self, held, pubkey, spent):
         with self.changed:
             self.names.discard(held.name)
             self.addresses.discard(held.address)
             self.keys.discard(pubkey)
-            self.uses[held.token_id] -= 1
-            if not self.uses[held.token_id]:
-                del self.uses[held.token_id]
+            if not spent:
+                self.spent(held)
             self.changed.notify_all()
 
 
@@ -2561,7 +2567,10 @@ class App:
         try:
             certificate = self.pki.sign_client(fields["csr"], held.name, held.serial)
             write_ccd(self.config, held.provider, held.name, held.address)
-            written = self.record_new_host(held, pubkey, enrollment)
+            with self.holds.changed:
+                written = self.record_new_host(held, pubkey, enrollment)
+                if written:
+                    self.holds.spent(held)
             if not written:
                 check_token(self.store, fields["token"])    # raises, saying why
                 raise RequestError(401, "invalid enrollment token")
@@ -2570,7 +2579,7 @@ class App:
                 remove_ccd(self.config, held.provider.name, held.name)
                 number = int(ipaddress.IPv4Address(held.address))
                 self.free_from[held.provider.name] = min(self.free_from.get(held.provider.name, number), number)
-            self.holds.let_go(held, pubkey)
+            self.holds.let_go(held, pubkey, written)
         log(f"{request.peer_ip}: enrolled {held.name} at {held.address}")
         self.record_event("enrolled", held.provider.name, held.name, request.peer_ip, f"address {held.address}")
         return 200, self.enrollment_answer(held, certificate), {}

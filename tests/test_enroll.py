@@ -652,3 +652,19 @@ def test_a_host_retired_while_its_re_enrollment_is_read_gets_409_not_500(app, ma
         app.config.providers["aruba"], "aruba-0001", None, "10.8.0.2", "ab", None, False))
     status, answer, _ = call(app, "/v1/enroll", enroll_body(token, fresh_csr(app, key)))
     assert status == 409 and "was retired" in answer["error"]
+
+
+def test_a_token_use_is_not_counted_twice_between_its_write_and_its_release(app, make_csr, monkeypatch):
+    """Seen under load: a token with as many uses as machines refused the
+    last ones as 'used up', because a use already written was still held."""
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    let_go, answers, asked = app.holds.let_go, [], []
+
+    def let_go_after_another_enrolls(held, pubkey, spent):
+        if not asked:                   # the first machine's release only
+            asked.append(1)
+            answers.append(call(app, "/v1/enroll", enroll_body(token, make_csr()[1])))
+        let_go(held, pubkey, spent)
+    monkeypatch.setattr(app.holds, "let_go", let_go_after_another_enrolls)
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 200
+    assert answers[0][0] == 200, answers[0]
