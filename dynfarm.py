@@ -667,10 +667,13 @@ class Store:
 
     def create(self):
         """Make the database, or add the tables a newer version has; True if it is new."""
-        created = not os.path.exists(self.path)
+        try:   # 0600 from its first byte: another process may check its mode meanwhile (check_secrets)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            created = True
+        except FileExistsError:
+            created = False
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.executescript(self.schema)
-        os.chmod(self.path, 0o600)
         return created
 
     def transaction(self):

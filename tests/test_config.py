@@ -193,3 +193,20 @@ def test_secrets_of_another_owner_are_refused(site, capsys, monkeypatch):
     monkeypatch.setattr(dynfarm.os, "geteuid", lambda: 4242)
     assert dynfarm.main(["-c", config.path, "remote_control", "list"]) == 2
     assert "not to uid 4242 that runs dynfarm" in capsys.readouterr().err
+
+
+def test_a_database_is_0600_from_its_first_byte(tmp_path, monkeypatch):
+    """Seen in make test: 'vpn' starting while 'server' made events.db found it
+    0644 between sqlite's creation and the chmod after, and refused to run."""
+    modes, connect = [], dynfarm.sqlite3.connect
+
+    def spy(path, *args, **kwargs):
+        modes.append(os.stat(path).st_mode & 0o777 if os.path.exists(path) else None)
+        return connect(path, *args, **kwargs)
+    monkeypatch.setattr(dynfarm.sqlite3, "connect", spy)
+    old = os.umask(0o022)
+    try:
+        dynfarm.EventLog(str(tmp_path / "events.db")).create()
+    finally:
+        os.umask(old)
+    assert modes == [0o600]
