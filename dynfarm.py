@@ -2154,6 +2154,50 @@ def init_site(config):
     return added
 
 
+def systemd_units(config):
+    """{file name: text}: the site as systemd services. The links come up
+    first (bridged mode needs its taps before OpenVPN opens them) and go down
+    at stop; one OpenVPN server per provider from a template; the enrollment
+    server. Each restarts on failure, with what hardening it tolerates: the
+    state directory is all it writes."""
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.realpath(__file__))} " \
+              f"-c {shlex.quote(os.path.abspath(config.path))}"
+    state = shlex.quote(config.state.root)
+    hardening = ("NoNewPrivileges=yes\nProtectHome=read-only\nPrivateTmp=yes\n")
+    return {
+        "dynfarm-links.service": (
+            "[Unit]\nDescription=dynfarm: links to the site hosts, policy routing, firewall\n"
+            "After=network-online.target\nWants=network-online.target\n\n"
+            f"[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart={command} links up\n"
+            f"ExecStop={command} links down\n{hardening}\n"
+            "[Install]\nWantedBy=multi-user.target\n"),
+        "dynfarm-vpn@.service": (
+            "[Unit]\nDescription=dynfarm: the OpenVPN server of provider %i\n"
+            "After=network-online.target dynfarm-links.service\nWants=network-online.target dynfarm-links.service\n\n"
+            f"[Service]\nExecStart={command} vpn %i\nRestart=on-failure\nRestartSec=2\n"
+            f"ProtectSystem=full\nReadWritePaths={state}\n{hardening}\n"
+            "[Install]\nWantedBy=multi-user.target\n"),
+        "dynfarm-server.service": (
+            "[Unit]\nDescription=dynfarm: the enrollment server\n"
+            "After=network-online.target\nWants=network-online.target\n\n"
+            f"[Service]\nExecStart={command} server\nRestart=on-failure\nRestartSec=2\n"
+            # a full house of connections, and the files of its workers
+            f"LimitNOFILE={TLSServer.max_connections + 64 + 16 * TLSServer.worker_count()}\n"
+            f"ProtectSystem=strict\nReadWritePaths={state}\n{hardening}\n"
+            "[Install]\nWantedBy=multi-user.target\n"),
+    }
+
+
+def install_units(config, directory):
+    """Write the units into directory; the commands that start them, as lines."""
+    for name, text in systemd_units(config).items():
+        write_file(os.path.join(directory, name), text, 0o644)
+    vpns = " ".join(f"dynfarm-vpn@{p}.service" for p in config.providers)
+    return [f"installed {len(systemd_units(config))} units in {directory}; start them with:",
+            "  systemctl daemon-reload",
+            f"  systemctl enable --now dynfarm-links.service {vpns} dynfarm-server.service"]
+
+
 def revoke_host(config, name):
     """Revoke a host: refused at re-enrollment, on the CRL, its ccd entry gone, its VPN session ended.
 
@@ -4545,6 +4589,15 @@ def cmd_events(args, config):
     return 0
 
 
+def cmd_units(args, config):
+    if args.install:
+        print("\n".join(install_units(config, args.directory)))
+        return 0
+    for name, text in systemd_units(config).items():
+        print(f"# {os.path.join(args.directory, name)}\n{text}")
+    return 0
+
+
 def cmd_revoke(args, config):
     print(revoke_host(config, args.host))
     return 0
@@ -4672,6 +4725,16 @@ def build_parser():
     p.add_argument("--host", metavar="NAME", help="only this host's")
     p.add_argument("--json", action="store_true", help="everything, as JSON")
     p.set_defaults(func=cmd_events)
+    p = sub.add_parser(
+        "units", help="print (or install) the systemd units that run the site",
+        description="The site as systemd services: dynfarm-links (oneshot: links up at start, down at "
+                    "stop, before the VPN servers), dynfarm-vpn@PROVIDER (one OpenVPN server per provider) "
+                    "and dynfarm-server (the enrollment server). They restart on failure, run with this "
+                    "Python, this dynfarm.py and this site.conf, and may write only the state directory.")
+    p.add_argument("--install", action="store_true", help="write them into DIR and say how to start them")
+    p.add_argument("--dir", dest="directory", default="/etc/systemd/system", metavar="DIR",
+                   help="where units go (default /etc/systemd/system)")
+    p.set_defaults(func=cmd_units)
     p = sub.add_parser("revoke", help="a host can no longer connect or re-enroll")
     p.add_argument("host")
     p.set_defaults(func=cmd_revoke)

@@ -9,6 +9,7 @@ import base64
 import gzip
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -152,3 +153,26 @@ def test_a_provider_cannot_be_named_like_a_token_action(tmp_path):
     path = write_site(str(tmp_path), SITE_CONF.replace("[provider:other]", "[provider:list]"))
     with pytest.raises(dynfarm.UsageError, match="'list' is reserved"):
         dynfarm.load_config(path)
+
+
+# --- the site as systemd services -------------------------------------------------
+
+def test_units_run_the_site_in_order_and_pass_systemd_analyze(site, tmp_path, capsys):
+    config = site[0]
+    assert dynfarm.main(["-c", config.path, "units", "--install", "--dir", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert "systemctl enable --now dynfarm-links.service dynfarm-vpn@aruba.service dynfarm-vpn@other.service " \
+           "dynfarm-server.service" in said
+    links, vpn, server = (open(tmp_path / name).read() for name in
+                          ("dynfarm-links.service", "dynfarm-vpn@.service", "dynfarm-server.service"))
+    assert "Type=oneshot" in links and "links up" in links and "ExecStop=" in links and "links down" in links
+    assert "After=network-online.target dynfarm-links.service" in vpn and " vpn %i" in vpn
+    for unit in (vpn, server):
+        assert "Restart=on-failure" in unit and f"ReadWritePaths={config.state.root}" in unit
+    assert f"-c {os.path.abspath(config.path)} server" in server and "LimitNOFILE=" in server
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here: the units were checked by content only")
+    done = subprocess.run([analyze, "verify", "--man=no", *sorted(str(p) for p in tmp_path.glob("*.service"))],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
