@@ -828,8 +828,8 @@ class EventLog(Store):
     writing it never waits on an enrollment's lock, and a flood of bad
     requests fills no more than MAX_EVENTS rows of refusals (and never
     pushes out the other events). Refusals are counted
-    in memory and written within FLUSH_SECONDS, one row per provider,
-    source and reason: a flood costs a counter per request, not a write."""
+    in memory and written within FLUSH_SECONDS, one row per source and
+    reason: a flood costs a counter per request, not a write."""
 
     schema = EVENTS_SCHEMA
     MAX_EVENTS = 100000
@@ -837,7 +837,7 @@ class EventLog(Store):
 
     def __init__(self, path):
         super().__init__(path)
-        self.refusals = {}          # (provider, source, reason) -> [count, first at]
+        self.refusals = {}          # (source, reason) -> [count, first at]
         self.refusals_lock = threading.Lock()
         self.timer = None
 
@@ -846,9 +846,9 @@ class EventLog(Store):
             self.db.execute("INSERT INTO events (at, kind, provider, host, source, detail) VALUES (?, ?, ?, ?, ?, ?)",
                             (time.time(), kind, provider, host, source, detail))
 
-    def refused(self, provider, source, reason):
+    def refused(self, source, reason):
         with self.refusals_lock:
-            entry = self.refusals.setdefault((provider, source, reason[:200]), [0, time.time()])
+            entry = self.refusals.setdefault((source, reason[:200]), [0, time.time()])
             entry[0] += 1
             if self.timer is None:
                 self.timer = threading.Timer(self.FLUSH_SECONDS, self.flush)
@@ -869,8 +869,8 @@ class EventLog(Store):
     def write_refusals(self, refusals):
         with self.transaction():
             self.db.executemany(
-                "INSERT INTO events (at, kind, provider, source, detail, count) VALUES (?, 'refused', ?, ?, ?, ?)",
-                [(at, provider, source, reason, count) for (provider, source, reason), (count, at) in refusals.items()])
+                "INSERT INTO events (at, kind, source, detail, count) VALUES (?, 'refused', ?, ?, ?)",
+                [(at, source, reason, count) for (source, reason), (count, at) in refusals.items()])
             # Refusals make room among themselves: a flood of them must not
             # push out the record of what was enrolled, revoked or made.
             self.db.execute("DELETE FROM events WHERE kind = 'refused' AND id <= (SELECT id FROM events "
@@ -947,6 +947,7 @@ def open_store(config):
 # === Tokens ===
 
 TOKEN_ACTIONS = ("list", "revoke")     # 'token list', 'token revoke ID': no provider may be so named
+
 
 def new_token(store, provider, uses, ttl):
     """Make a token; only its hash is stored. Returns (token, expires_at)."""
@@ -1184,18 +1185,23 @@ def check_csr(csr_pem):
     parts = der_children(der, start, end)
     if [t for t, _, _ in parts] != [0x30, 0x30, 0x03]:
         raise ValueError("not a certificate request (info, algorithm, signature)")
-    info = der_children(der, der_element(der, parts[0][1])[1], parts[0][2])
+    info = inner(der, parts[0])
     if [t for t, _, _ in info] != [0x02, 0x30, 0x30, 0xA0] or der[info[0][1]:info[0][2]] != b"\x02\x01\x00":
         raise ValueError("not a version 1 certificate request")
     check_subject(der, info[1])
     spki = der[info[2][1]:info[2][2]]
     key_type = check_public_key(spki)
-    algorithm = der_children(der, der_element(der, parts[1][1])[1], parts[1][2])
+    algorithm = inner(der, parts[1])
     oid = der[algorithm[0][1]:algorithm[0][2]] if algorithm else b""
     if SIGNATURES.get(oid) != key_type:
         raise ValueError("signature algorithm not accepted for this key (SHA-256 or better, of the key's type)")
     check_signature_shape(der, parts[2], key_type, spki)
     return key_id(spki)
+
+
+def inner(der, element):
+    """The children of a constructed (tag, start, end) element."""
+    return der_children(der, der_element(der, element[1])[1], element[2])
 
 
 def element_value(der, element):
@@ -1213,19 +1219,19 @@ def csr_common_name(csr_pem):
     der = pem_to_der(csr_pem, "CERTIFICATE REQUEST")
     _, start, end = der_element(der, 0)
     info = der_children(der, start, end)[0]
-    name = der_children(der, der_element(der, info[1])[1], info[2])[1]
-    for rdn in der_children(der, der_element(der, name[1])[1], name[2]):
-        for attribute in der_children(der, der_element(der, rdn[1])[1], rdn[2]):
-            oid, value = der_children(der, der_element(der, attribute[1])[1], attribute[2])
+    name = inner(der, info)[1]
+    for rdn in inner(der, name):
+        for attribute in inner(der, rdn):
+            oid, value = inner(der, attribute)
             if der[oid[1]:oid[2]] == OID_COMMON_NAME:
                 return element_value(der, value).decode("utf-8")
     return ""
 
 
 def check_subject(der, name):
-    for rdn in der_children(der, der_element(der, name[1])[1], name[2]):
-        for attribute in der_children(der, der_element(der, rdn[1])[1], rdn[2]):
-            pair = der_children(der, der_element(der, attribute[1])[1], attribute[2])
+    for rdn in inner(der, name):
+        for attribute in inner(der, rdn):
+            pair = inner(der, attribute)
             if len(pair) != 2 or pair[0][0] != 0x06 or pair[1][0] not in SUBJECT_STRINGS:
                 raise ValueError("subject: expected OID = UTF8String, PrintableString or IA5String")
             value = element_value(der, pair[1])
@@ -1244,10 +1250,10 @@ def bit_string_bytes(der, element):
 
 def check_public_key(spki):
     """The key's algorithm OID, if the key is one the policy accepts."""
-    top = der_children(spki, der_element(spki, 0)[1], len(spki))
+    top = inner(spki, (0x30, 0, len(spki)))
     if len(top) != 2 or top[0][0] != 0x30:
         raise ValueError("bad public key")
-    algorithm = der_children(spki, der_element(spki, top[0][1])[1], top[0][2])
+    algorithm = inner(spki, top[0])
     oid = spki[algorithm[0][1]:algorithm[0][2]] if algorithm else b""
     params = spki[algorithm[1][1]:algorithm[1][2]] if len(algorithm) > 1 else None
     key = bit_string_bytes(spki, top[1])
@@ -1313,7 +1319,7 @@ def check_signature_shape(der, signature, key_type, spki):
     if key_type == OID_ED25519:
         ok = len(value) == 64
     elif key_type == OID_RSA:
-        n, _ = rsa_numbers(bit_string_bytes(spki, der_children(spki, der_element(spki, 0)[1], len(spki))[1]))
+        n, _ = rsa_numbers(bit_string_bytes(spki, inner(spki, (0x30, 0, len(spki)))[1]))
         ok = len(value) == (n.bit_length() + 7) // 8
     else:
         pair = der_children(value, der_element(value, 0)[1], len(value)) if value[:1] == b"\x30" else []
@@ -2190,10 +2196,11 @@ def systemd_units(config):
 
 def install_units(config, directory):
     """Write the units into directory; the commands that start them, as lines."""
-    for name, text in systemd_units(config).items():
+    units = systemd_units(config)
+    for name, text in units.items():
         write_file(os.path.join(directory, name), text, 0o644)
     vpns = " ".join(f"dynfarm-vpn@{p}.service" for p in config.providers)
-    return [f"installed {len(systemd_units(config))} units in {directory}; start them with:",
+    return [f"installed {len(units)} units in {directory}; start them with:",
             "  systemctl daemon-reload",
             f"  systemctl enable --now dynfarm-links.service {vpns} dynfarm-server.service"]
 
@@ -2566,7 +2573,7 @@ class App:
 
     def refuse(self, request, error):
         """The answer to a refused request, counted in the audit log (its message holds no secret)."""
-        self.events.refused(None, request.peer_ip, f"{request.method} {request.path}: {error.status} {error}")
+        self.events.refused(request.peer_ip, f"{request.method} {request.path}: {error.status} {error}")
         return error.status, error.answer(), error.headers
 
     def health(self, request):
@@ -2637,14 +2644,14 @@ class App:
             # The same machine's other request is being signed: its outcome decides what this one is.
             if not self.holds.changed.wait_for(lambda: pubkey not in self.holds.keys, wait):
                 raise RequestError(409, "another enrollment of this machine is still being signed; retry")
-            provider, known, token_id = self.identify(request, fields, pubkey)
+            provider, known, token = self.identify(request, fields, pubkey)
             if known is not None:
                 return Reservation(provider, known["name"], None, known["address"], serial, None, False)
-            if check_token(self.store, fields["token"])["uses_left"] <= self.holds.uses[token_id]:
+            if token["uses_left"] <= self.holds.uses[token["id"]]:
                 raise RequestError(401, "enrollment token used up by the enrollments being signed; "
                                         "make a new one with 'dynfarm.py token PROVIDER'")
             seq, address = self.free_host(provider)
-            held = Reservation(provider, host_name(provider.name, seq), seq, address, serial, token_id, True)
+            held = Reservation(provider, host_name(provider.name, seq), seq, address, serial, token["id"], True)
             self.holds.take(held, pubkey)
             return held
 
@@ -2681,12 +2688,12 @@ class App:
         return RequestError(409, f"host {held.name} was retired while this request was signed")
 
     def identify(self, request, fields, pubkey):
-        """(provider, enrolled host or None, token id or None); refuses whoever may not enroll.
+        """(provider, enrolled host or None, token row or None); refuses whoever may not enroll.
 
         An enrolled host is known by its key: from its client certificate
-        (later boots), or from its CSR, whose self-signature the signing step
-        verifies. Otherwise the token names the provider. Source networks are
-        checked either way.
+        (later boots), or from its CSR naming a nonce of ours (check_fresh_proof;
+        the signing step verifies its self-signature). Otherwise the token
+        names the provider. Source networks are checked either way.
         """
         if request.peer_cn:
             known = self.certified_host(request)
@@ -2701,10 +2708,10 @@ class App:
         if known is not None:
             if known["revoked_at"] is not None:
                 raise RequestError(403, f"host {known['name']} is revoked")
-            provider_name, token_id = known["provider"], None
+            provider_name, token = known["provider"], None
         elif isinstance(fields.get("token"), str) and fields["token"]:
-            row = self.checked_token(request, fields["token"])
-            provider_name, token_id = row["provider"], row["id"]
+            token = self.checked_token(request, fields["token"])
+            provider_name = token["provider"]
         else:
             raise RequestError(401, "missing enrollment token")
         if provider_name not in self.config.providers:
@@ -2719,7 +2726,7 @@ class App:
             source = source.ipv4_mapped
         if not any(source in net for net in provider.networks):
             raise RequestError(403, f"source address {source} is not in provider {provider.name}'s networks")
-        return provider, known, token_id
+        return provider, known, token
 
     def checked_token(self, request, token):
         """check_token, for a source that has not been guessing (Guesses)."""
@@ -4522,8 +4529,9 @@ def cmd_token(args, config):
         if not args.token_id:
             raise UsageError("token revoke: which token? give its ID (see 'dynfarm.py token list')")
         store = open_store(config)
-        provider = store.token(args.token_id)["provider"] if store.token(args.token_id) else None
+        row = store.token(args.token_id)
         print(revoke_token(store, args.token_id))
+        provider = row["provider"] if row else None
         open_events(config).record("token-revoked", provider, detail=f"token {args.token_id}")
         return 0
     if args.token_id or args.json:
@@ -4720,7 +4728,8 @@ def build_parser():
         description="What the site recorded, oldest first: every enrollment (new, again, ssh host keys "
                     "changed), every refused request (its source and reason; refusals alike within a "
                     "second are one line with a count), every revoke and retirement, every token made or "
-                    "revoked. Never a secret. The log keeps its last 100000 entries.")
+                    "revoked. Never a secret. Past 100000 refusals, the oldest make room; the other "
+                    "events are all kept.")
     p.add_argument("--since", metavar="DURATION", help="only the last 30m, 24h, 7d, ...")
     p.add_argument("--host", metavar="NAME", help="only this host's")
     p.add_argument("--json", action="store_true", help="everything, as JSON")

@@ -124,15 +124,9 @@ class Cluster:
 
 def bootstrap_all(farm, vms=VMS):
     script = farm.dynfarm("bootstrap", "aruba", "--uses", str(len(vms))).stdout
-    procs = [subprocess.Popen(farm.world.argv(vm, ["sh", "-s"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for vm in vms]
-    for proc in procs:
-        proc.stdin.write(script)
-        proc.stdin.close()
-    outputs = [proc.stdout.read() for proc in procs]
-    codes = [proc.wait(90) for proc in procs]
+    codes, outputs = zip(*farm.run_at_once(script, vms))
     logs = [read(farm.world.vm_path(vm, "/var/log/dynfarm-client.log"))[-1500:] for vm in vms]
-    assert codes == [0] * len(vms), "\n".join(outputs + logs)
+    assert codes == (0,) * len(vms), "\n".join(outputs + tuple(logs))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ boot-to-idle in sinfo, in the same run. Everything is torn down at the end.
 
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import threading
@@ -95,15 +94,9 @@ def main():
         print(f"bootstrap script for aruba: {len(script.splitlines())} lines of POSIX sh (token inside)")
 
         step("three VMs behind one NAT (192.168.100.0/24 -> 203.0.113.2) run it at boot")
-        procs = [subprocess.Popen(farm.world.argv(vm, ["sh", "-s"]), stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for vm in VMS]
-        for proc in procs:
-            proc.stdin.write(script)
-            proc.stdin.close()
-        for vm, proc in zip(VMS, procs):
-            lines = proc.stdout.read().splitlines()
-            if proc.wait(90) != 0:
-                raise SystemExit(f"demo: bootstrap failed on {vm}:\n" + "\n".join(lines))
+        for vm, (code, output) in zip(VMS, farm.run_at_once(script, VMS)):
+            if code != 0:
+                raise SystemExit(f"demo: bootstrap failed on {vm}:\n{output}")
         for vm in VMS:
             log = farm.world.vm_path(vm, "/var/log/dynfarm-client.log")
             with open(log) as f:

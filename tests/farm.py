@@ -80,6 +80,17 @@ class Farm:
         """What the VM's boot runs (cron @reboot): the hook the bootstrap installed."""
         return self.world.run(vm, ["/usr/local/sbin/dynfarm-client.sh"], check=check, timeout=90)
 
+    def run_at_once(self, script, vms):
+        """Run a script (the bootstrap) on VMs all at once, as a provider starts
+        them; [(exit code, output)] in the order of vms."""
+        procs = [subprocess.Popen(self.world.argv(vm, ["sh", "-s"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for vm in vms]
+        for proc in procs:
+            proc.stdin.write(script)
+            proc.stdin.close()
+        outputs = [proc.stdout.read() for proc in procs]
+        return [(proc.wait(90), output) for proc, output in zip(procs, outputs)]
+
     def kill_vpn_client(self, vm):
         pid = int(read(self.world.vm_path(vm, "/var/lib/dynfarm/openvpn.pid")))
         os.kill(pid, 15)

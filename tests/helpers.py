@@ -7,11 +7,14 @@ are told, the request timeout and aruba's source networks differ.
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -88,6 +91,20 @@ def enroll_body(token, csr, **extra):
 def fresh_csr(app, key):
     """What an enrolled machine sends without its certificate: a CSR naming a nonce of the app's."""
     return dynfarm.make_csr(key, dynfarm.NONCE_PREFIX + app.nonces.new())
+
+
+@contextlib.contextmanager
+def tls_server(config):
+    """The real TLS server around a fresh App, on 127.0.0.1 in a thread: (httpd, ctx),
+    httpd.app the app, ctx a client context pinning the site CA."""
+    httpd = dynfarm.TLSServer(("127.0.0.1", 0), dynfarm.App(config), dynfarm.server_tls_context(config),
+                              config.request_timeout)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd, ssl.create_default_context(cafile=config.state.ca_cert)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def call(app, path, body, peer_ip="127.0.0.1", method="POST", peer=("", "")):

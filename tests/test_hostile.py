@@ -15,14 +15,13 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 
 import pytest
 
 import dynfarm
 from csrs import ACCEPTED, MALFORMED, REFUSED, csr_for
-from helpers import db_snapshot, enroll_body, tamper
+from helpers import db_snapshot, enroll_body, tamper, tls_server
 
 BOUND = 6.0      # seconds: request_timeout is 2 s here, an answer takes milliseconds
 
@@ -30,14 +29,8 @@ BOUND = 6.0      # seconds: request_timeout is 2 s here, an answer takes millise
 @pytest.fixture
 def server(site):
     config, store, _ = site
-    app = dynfarm.App(config)
-    httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    ctx = dynfarm.ssl.create_default_context(cafile=config.state.ca_cert)
-    yield config, store, httpd, ctx
-    httpd.shutdown()
-    httpd.server_close()
+    with tls_server(config) as (httpd, ctx):
+        yield config, store, httpd, ctx
 
 
 def exchange(httpd, ctx, data, bound=BOUND, source="127.0.0.1"):

@@ -13,20 +13,13 @@ import threading
 import pytest
 
 import dynfarm
-from helpers import call, enroll_body
+from helpers import call, enroll_body, tls_server
 
 
 @pytest.fixture
 def server(site):
-    config, store, _ = site
-    app = dynfarm.App(config)
-    httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    ctx = dynfarm.ssl.create_default_context(cafile=config.state.ca_cert)
-    yield app, httpd, ctx
-    httpd.shutdown()
-    httpd.server_close()
+    with tls_server(site[0]) as (httpd, ctx):
+        yield httpd.app, httpd, ctx
 
 
 def post(httpd, ctx, body, source="127.0.0.1"):

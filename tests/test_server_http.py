@@ -23,20 +23,14 @@ import urllib.request
 import pytest
 
 import dynfarm
-from helpers import db_snapshot, enroll_body
+from helpers import db_snapshot, enroll_body, tls_server
 
 
 @pytest.fixture
 def server(site):
     config, store, pki = site
-    app = dynfarm.App(config)
-    httpd = dynfarm.TLSServer(("127.0.0.1", 0), app, dynfarm.server_tls_context(config), config.request_timeout)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    ctx = ssl.create_default_context(cafile=config.state.ca_cert)
-    yield httpd, ctx, store
-    httpd.shutdown()
-    httpd.server_close()
+    with tls_server(config) as (httpd, ctx):
+        yield httpd, ctx, store
 
 
 def url(httpd, path):

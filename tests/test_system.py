@@ -31,15 +31,8 @@ BOOTSTRAP = {}    # the script the VMs ran, for the tests that look for its toke
 
 def test_three_vms_behind_one_nat_enroll_with_distinct_static_addresses(farm):
     script = BOOTSTRAP["aruba"] = farm.dynfarm("bootstrap", "aruba", "--uses", "3").stdout
-    # all three at once, as a provider starts them
-    procs = [subprocess.Popen(farm.world.argv(vm, ["sh", "-s"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for vm in VMS]
-    for proc in procs:
-        proc.stdin.write(script)
-        proc.stdin.close()
-    outputs = [proc.stdout.read() for proc in procs]
-    codes = [proc.wait(90) for proc in procs]
-    assert codes == [0, 0, 0], outputs
+    done = farm.run_at_once(script, VMS)
+    assert [code for code, _ in done] == [0, 0, 0], done
     hosts = farm.hosts()
     assert sorted(hosts) == ["aruba-0001", "aruba-0002", "aruba-0003"]
     assert sorted(h["address"] for h in hosts.values()) == ["10.8.0.2", "10.8.0.3", "10.8.0.4"]
