@@ -3,7 +3,7 @@
 
 One file, standard library only, Python 3.9+. It is:
 
-  * the site's enrollment server   (init, server, vpn, token, bootstrap, revoke)
+  * the site's enrollment server   (init, server, vpn, token, bootstrap, revoke, backup)
   * the site's router to the VMs   (links: gre/vxlan links, policy routing, firewall)
   * the VM's boot-time client      (client: key, enroll, OpenVPN up, customize)
   * the admin's remote_control     (list, run, put, get over ssh, with a fan-out)
@@ -12,7 +12,7 @@ Sections, in the order data flows (grep for "# === "):
 
   constants -> errors -> seam (external commands, files) -> config and the
   state directory -> store (sqlite) -> tokens, addresses -> PKI -> network
-  (OpenVPN; links) -> site (init, revoke) -> enrollment service -> HTTPS
+  (OpenVPN; links) -> site (init, backup, revoke) -> enrollment service -> HTTPS
   transport -> bootstrap -> client -> remote_control -> CLI
 
 The enrollment API (a client can be written from this):
@@ -50,6 +50,7 @@ import gzip
 import hashlib
 import hmac
 import http
+import io
 import ipaddress
 import itertools
 import json
@@ -70,11 +71,13 @@ import ssl
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 # === Constants ===
 
@@ -209,10 +212,14 @@ def read_text(path):
         return f.read()
 
 
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read_own_source():
     """This file's bytes: what the server hands out as the client, and what its version hashes."""
-    with open(os.path.realpath(__file__), "rb") as f:
-        return f.read()
+    return read_bytes(os.path.realpath(__file__))
 
 
 # === Config ===
@@ -2117,7 +2124,7 @@ def links_peer(config, name, down=False):
     return 0
 
 
-# === Site: init, revoke, retire ===
+# === Site: init, backup and restore, revoke, retire ===
 
 def check_secrets(config):
     """Refuse to run on secrets that others could read: the state directory
@@ -2158,6 +2165,203 @@ def init_site(config):
             added.append(f"tls-crypt key for {provider.name}")
         added += write_server_config(config, provider)
     return added
+
+
+
+# --- backup and restore ---
+
+BACKUP_MANIFEST = "dynfarm-backup.json"
+BACKUP_FORMAT = 1
+
+
+def site_identity(config):
+    """What the enrolled VMs know of the site, so what a restored site must
+    keep: where they enroll and connect, in which mode and subnets."""
+    return {
+        "public_address": config.public_address,
+        "enrollment_port": config.listen_port,
+        "mode": config.mode,
+        "providers": {p.name: {"vpn_port": p.vpn_port, "vpn_proto": p.vpn_proto, "vpn_subnet": str(p.vpn_subnet),
+                               "bridge_pool": [str(ipaddress.IPv4Address(a)) for a in p.bridge_pool or ()]}
+                      for p in config.providers.values()},
+    }
+
+
+def backup_names(config):
+    """{archive name: mode} of what a backup holds: the state that cannot be
+    made again. The CRL, the client-config entries and the OpenVPN server
+    configurations follow from the database and site.conf (and carry the
+    state directory's paths, which may differ on the new machine): restore
+    writes them anew. site.conf is there for the admin; restore reads its own."""
+    state = config.state
+    names = {state.relative(path): 0o600 for path in (state.database, state.events, state.ca_key, state.server_key)}
+    names.update({state.relative(path): 0o644 for path in (state.ca_cert, state.server_cert)})
+    names.update({state.relative(state.tls_crypt_key(p)): 0o600 for p in config.providers})
+    names["site.conf"] = 0o600
+    return names
+
+
+def backup_site(config, path):
+    """Write a backup archive of the site, running or not, to path; a one-line summary."""
+    state = config.state
+    if not os.path.exists(state.database):
+        raise UsageError(f"{state.database}: no site database; nothing to back up")
+    events = open_events(config)        # a site older than the audit log gets one to back up
+    files = {}
+    with tempfile.TemporaryDirectory(prefix="dynfarm-backup-") as tmp:    # 0700: the copies hold token hashes
+        for database in (state.database, state.events):
+            if os.path.exists(database):
+                copy = os.path.join(tmp, os.path.basename(database))
+                sqlite_snapshot(database, copy)
+                files[state.relative(database)] = read_bytes(copy)
+        snapshot = Store(os.path.join(tmp, os.path.basename(state.database)))
+        hosts = len(snapshot.hosts())
+        snapshot.close()
+    names = backup_names(config)
+    for name in names.keys() - files.keys():
+        files[name] = read_bytes(config.path if name == "site.conf" else os.path.join(state.root, name))
+    for cert, key in ((state.ca_cert, state.ca_key), (state.server_cert, state.server_key)):
+        check_key_pair(files[state.relative(cert)], files[state.relative(key)], state.relative(cert))
+    taken = time.time()
+    manifest = {"format": BACKUP_FORMAT, "taken_at": taken, "hosts": hosts, "site": site_identity(config),
+                "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}}
+    files[BACKUP_MANIFEST] = json.dumps(manifest, indent=1).encode()
+    write_durably(path, tar_gz(files, taken), 0o600)
+    events.record("backup", detail=f"to {os.path.abspath(path)}, {hosts} host(s)")
+    return (f"wrote {path}: {hosts} host(s), taken {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(taken))}; "
+            "it holds the site CA's key: keep it as secret as the state directory")
+
+
+def sqlite_snapshot(path, copy):
+    """A consistent copy of a live database: sqlite's online backup, in one
+    step (one read transaction), which writers in WAL mode do not wait for."""
+    source, target = sqlite3.connect(path, timeout=30), sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+
+
+def check_key_pair(cert_pem, key_pem, what):
+    """A certificate read with another key (init renewing it between the two
+    writes) would restore a server nobody can connect to."""
+    key = run(["openssl", "pkey", "-pubout", "-outform", "DER"], input=key_pem).stdout
+    if cert_public_key(pem_to_der(cert_pem.decode(), "CERTIFICATE")) != key:
+        raise Fatal(f"{what} and its key do not match (being renewed?); run the backup again")
+
+
+def tar_gz(files, mtime):
+    """A gzipped tar of {name: bytes}, every member 0600 and root's: it holds secrets."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, int(mtime)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_durably(path, data, mode):
+    """write_file, synced before the rename: a backup must survive the crash it is for."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dynfarm-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def restore_site(config, path):
+    """Make a fresh state directory the site of a backup archive; lines saying what was done."""
+    manifest, files = read_backup(path, config)
+    state = config.state
+    if any(os.path.exists(p) for p in (state.database, state.ca_key)):
+        raise UsageError(f"{state.root} already holds a site; restore makes a fresh one: "
+                         f"move {state.root} aside (or set another state_dir) first")
+    differences = identity_differences(manifest["site"], site_identity(config))
+    if differences:
+        raise UsageError(f"{path} is of a site its VMs know otherwise than {config.path} says: "
+                         + "; ".join(differences) + ". Make site.conf agree (the backup's own: "
+                         f"tar -xzOf {path} site.conf)")
+    for directory in (state.root, state.pki, state.openvpn):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    names = backup_names(config)
+    for name, data in sorted(files.items()):
+        if name != "site.conf":
+            write_file(os.path.join(state.root, name), data, names.get(name, 0o600))
+    done = [f"restored {manifest['hosts']} host(s) and the site CA into {state.root}"]
+    store = open_store(config)
+    PKI(state).write_crl(store)         # before init_site, which would write an empty one
+    done += init_site(config)
+    done += reconcile_state(config, store)
+    taken = time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(manifest["taken_at"]))
+    open_events(config).record("restored", detail=f"from {os.path.abspath(path)}, taken {taken}")
+    return done + [f"the site is as it was at {taken}; a VM enrolled after that is unknown here: "
+                   "terminate it at its provider"]
+
+
+def read_backup(path, config):
+    """(manifest, {name: bytes}) of a backup archive: only the files a backup
+    writes, each exactly as it was taken. Never extracted by tarfile: we write
+    each file ourselves, where it belongs."""
+    expected = backup_names(config)
+    files = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for info in tar:
+                if info.name in files or not info.isfile() or not backup_member(info.name, expected):
+                    raise UsageError(f"{path}: unexpected member {info.name!r}; not a dynfarm backup")
+                files[info.name] = tar.extractfile(info).read()
+        manifest = json.loads(files.pop(BACKUP_MANIFEST))
+    except (OSError, EOFError, tarfile.TarError, zlib.error, KeyError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable dynfarm backup ({e})")
+    shape = {"format": int, "taken_at": (int, float), "hosts": int, "site": dict, "files": dict}
+    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in shape.items()):
+        raise UsageError(f"{path}: its manifest ({BACKUP_MANIFEST}) is not a dynfarm backup's")
+    if manifest["format"] != BACKUP_FORMAT:
+        raise UsageError(f"{path}: a backup of format {manifest['format']}; this dynfarm.py reads format "
+                         f"{BACKUP_FORMAT}")
+    listed = manifest["files"]
+    damaged = sorted(name for name in listed.keys() | files.keys()
+                     if name not in files or hashlib.sha256(files[name]).hexdigest() != listed.get(name))
+    if damaged:
+        raise UsageError(f"{path}: damaged: {', '.join(damaged)} missing or not as it was taken")
+    return manifest, files
+
+
+def backup_member(name, expected):
+    """A name a backup may hold: the manifest, backup_names, or the tls-crypt
+    key of a provider that site.conf lacks (which restore then names)."""
+    provider = name[len("openvpn/"):-len(".tlscrypt")]
+    return (name == BACKUP_MANIFEST or name in expected
+            or name == f"openvpn/{provider}.tlscrypt" and PROVIDER_RE.match(provider) is not None)
+
+
+def identity_differences(backup, here):
+    """What the VMs of the backup's site would find changed in this one."""
+    differences = [f"{key} {backup[key]} in the backup, {here[key]} here"
+                   for key in ("public_address", "enrollment_port", "mode") if backup[key] != here[key]]
+    for name, values in sorted(backup["providers"].items()):
+        if name not in here["providers"]:
+            differences.append(f"provider {name} is not configured here")
+            continue
+        differences += [f"provider {name}'s {key} {value} in the backup, {here['providers'][name][key]} here"
+                        for key, value in values.items() if here["providers"][name][key] != value]
+    return differences
+
 
 
 def systemd_units(config):
@@ -4513,6 +4717,17 @@ def cmd_init(args, config):
     return 0
 
 
+def cmd_backup(args, config):
+    print(backup_site(config, args.file))
+    return 0
+
+
+def cmd_restore(args, config):
+    for line in restore_site(config, args.file):
+        print(line)
+    return 0
+
+
 def cmd_server(args, config):
     serve(config)
     return 0
@@ -4701,6 +4916,23 @@ def build_parser():
 
     p = sub.add_parser("init", help="create or complete the site state (CA, VPN configs, database)")
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser(
+        "backup", help="write the site's state to one archive (the server may run)",
+        description="A consistent snapshot of the site: the databases (sqlite's online backup, so the "
+                    "server and VPNs keep running), the CA, the server certificate, the tls-crypt keys, and "
+                    "site.conf. Written 0600: it holds the CA's key. Run it from cron as often as VMs enroll: "
+                    "a restore brings the site back as it was when the backup was taken.")
+    p.add_argument("file", metavar="FILE", help="the archive to write (a .tar.gz)")
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser(
+        "restore", help="make a fresh state directory the site of a backup (a new machine)",
+        description="Into site.conf's state_dir, which must hold no site yet: the backup's databases, CA "
+                    "and keys; then what follows from them (OpenVPN configurations, client-config entries, "
+                    "the CRL). site.conf must give the VMs what they know (public_address, the enrollment "
+                    "port, mode, each provider's port, protocol and subnet); restore refuses otherwise and "
+                    "says what differs. Then start 'vpn' and 'server': the VMs reconnect by themselves.")
+    p.add_argument("file", metavar="FILE", help="an archive written by 'backup'")
+    p.set_defaults(func=cmd_restore)
     p = sub.add_parser("server", help="run the enrollment service in the foreground")
     p.set_defaults(func=cmd_server)
     p = sub.add_parser("vpn", help="run a provider's OpenVPN server in the foreground")

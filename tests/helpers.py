@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -140,3 +142,59 @@ def crl_serials(config):
     text = subprocess.run(["openssl", "crl", "-in", config.state.crl, "-noout", "-text"],
                           capture_output=True, text=True, check=True).stdout
     return {line.split(":", 1)[1].strip().lower() for line in text.splitlines() if "Serial Number:" in line}
+
+
+# --- a VM's enrollment over the wire, against a server process ---
+
+class Machine:
+    """A VM's enrollment as the client does it: retry while nobody answers,
+    answer a nonce challenge, give up only on a final refusal."""
+
+    def __init__(self, tmp, index, token):
+        self.key = os.path.join(tmp, f"m{index}.key")
+        dynfarm.make_key(self.key)
+        self.body = enroll_body(token, dynfarm.make_csr(self.key, "dynfarm-client"), machine_id=f"m{index}")
+        self.answer = None
+        self.tries = 0
+
+    def enroll(self, port, ctx, deadline):
+        while time.monotonic() < deadline:
+            self.tries += 1
+            status, answer = post(port, ctx, self.body)
+            if status == 200:
+                self.answer = answer
+                return 200
+            if status == 401 and "nonce" in answer:      # enrolled by a request whose answer was lost
+                self.body = dict(self.body, csr=dynfarm.make_csr(self.key, dynfarm.NONCE_PREFIX + answer["nonce"]))
+                continue
+            if status is not None and status not in (409, 429, 503):
+                return status
+            time.sleep(0.05 * min(self.tries, 20))
+        return None
+
+
+def post(port, ctx, body):
+    raw = json.dumps(body).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                tls.sendall(f"POST /v1/enroll HTTP/1.1\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+                reply = tls.makefile("rb").read()
+    except OSError:
+        return None, {}
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not head:
+        return None, {}
+    return int(head.split()[1]), json.loads(body or b"{}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(conf, log):
+    """The enrollment server of conf, as a process of its own."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "dynfarm.py"), "-c", conf, "server"], stdout=log, stderr=log)

@@ -9,19 +9,13 @@ damaged by hand as a crash could leave it.
 """
 
 import concurrent.futures
-import json
 import os
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 import time
 
 import dynfarm
-from helpers import SITE_TEMPLATE, call, enroll_body, write_site
-
-DYNFARM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dynfarm.py")
+from helpers import SITE_TEMPLATE, Machine, call, enroll_body, free_port, start_server, write_site
 
 
 def test_the_server_mends_at_start_what_a_crash_left(app, make_csr, capfd):
@@ -51,59 +45,6 @@ def test_the_server_mends_at_start_what_a_crash_left(app, make_csr, capfd):
 
 
 # --- a burst, a SIGKILL, a restart ------------------------------------------------
-
-class Machine:
-    """A VM's enrollment as the client does it: retry while nobody answers,
-    answer a nonce challenge, give up only on a final refusal."""
-
-    def __init__(self, tmp, index, token):
-        self.key = os.path.join(tmp, f"m{index}.key")
-        dynfarm.make_key(self.key)
-        self.body = enroll_body(token, dynfarm.make_csr(self.key, "dynfarm-client"), machine_id=f"m{index}")
-        self.answer = None
-        self.tries = 0
-
-    def enroll(self, port, ctx, deadline):
-        while time.monotonic() < deadline:
-            self.tries += 1
-            status, answer = post(port, ctx, self.body)
-            if status == 200:
-                self.answer = answer
-                return 200
-            if status == 401 and "nonce" in answer:      # enrolled by a request whose answer was lost
-                self.body = dict(self.body, csr=dynfarm.make_csr(self.key, dynfarm.NONCE_PREFIX + answer["nonce"]))
-                continue
-            if status is not None and status not in (409, 429, 503):
-                return status
-            time.sleep(0.05 * min(self.tries, 20))
-        return None
-
-
-def post(port, ctx, body):
-    raw = json.dumps(body).encode()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-                tls.sendall(f"POST /v1/enroll HTTP/1.1\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
-                reply = tls.makefile("rb").read()
-    except OSError:
-        return None, {}
-    head, _, body = reply.partition(b"\r\n\r\n")
-    if not head:
-        return None, {}
-    return int(head.split()[1]), json.loads(body or b"{}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(conf, log):
-    return subprocess.Popen([sys.executable, DYNFARM, "-c", conf, "server"], stdout=log, stderr=log)
-
 
 def test_a_burst_survives_a_sigkill_of_the_server(tmp_path):
     port = free_port()

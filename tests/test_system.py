@@ -238,6 +238,34 @@ def test_vms_come_back_by_themselves_when_the_vpn_server_restarts(farm):
              "list showing them connected", timeout=15)
 
 
+
+def test_vms_reconnect_by_themselves_to_the_site_restored_from_a_backup(farm):
+    """The site's machine is lost; a new one gets its backup restored into a
+    fresh state directory: the VMs come back to it, unchanged, with no action on them."""
+    def hosts():
+        return {name: (h["provider"], h["address"], h["host_keys"]) for name, h in farm.hosts().items()}
+    before = hosts()
+    archive = os.path.join(farm.dir, "backup.tar.gz")
+    farm.dynfarm("backup", archive)
+    farm.stop_server()
+    for vpn in farm.vpn.values():
+        vpn.terminate()
+        vpn.wait(10)
+    state = os.path.join(farm.dir, "state")
+    os.rename(state, state + ".lost")
+    started = time.monotonic()
+    farm.dynfarm("restore", archive)
+    for provider in ("aruba", "other"):
+        farm.start_vpn(provider)
+    farm.start_server()
+    wait_for(lambda: farm.dynfarm("remote_control", "run", "--", "true", check=False).returncode == 0
+             and {h["state"] for h in farm.hosts().values()} == {"connected"},
+             "every VM back and reachable", timeout=60)
+    print(f"all {len(before)} VMs back {time.monotonic() - started:.1f} s after the restore began")
+    assert hosts() == before
+    done = farm.dynfarm("remote_control", "run", "--", "hostname")
+    assert sorted(line.split(": ", 1)[1] for line in done.stdout.splitlines()) == sorted(VMS)
+
 def test_revoked_host_is_cut_off_and_refused(farm):
     name, address = farm.host_of("vm3")
     out = farm.dynfarm("revoke", name).stdout
