@@ -48,8 +48,9 @@ lint: deps  ## Python 3.9 floor (vermin), stdlib-only imports, pyflakes, sh synt
 demo: deps  ## build the namespace world, enroll three VMs, show them, tear down
 	$(VENV)/bin/python tests/demo.py
 
-bench: deps  ## benchmarks (print figures; never part of the tests): enrollment, parsers, fan-out, links
+bench: deps  ## benchmarks (print figures; never part of the tests): enrollment, boot storm, parsers, fan-out, links
 	$(VENV)/bin/python bench/enroll.py
+	$(VENV)/bin/python bench/burst.py
 	$(VENV)/bin/python bench/parsers.py
 	$(VENV)/bin/python bench/fanout.py
 	$(VENV)/bin/python bench/links.py

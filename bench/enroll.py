@@ -25,6 +25,7 @@ Usage: bench/enroll.py [N [ROUNDS]] (default 500 3). Loopback only; bounded.
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -126,6 +127,7 @@ class Enrollment:
         self.chunks = []
         self.result = None
         raw = socket.socket()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as the client (http.client) does
         raw.bind((source, 0))
         raw.setblocking(False)
         raw.connect_ex(("127.0.0.1", port))
@@ -203,6 +205,16 @@ def drive(port, ctx, requests, timeout):
     return [e.result for e in pending]
 
 
+def enroll_requests(conf, csrs):
+    """One enrollment request per CSR, under one token with a use for each."""
+    token = subprocess.run([sys.executable, DYNFARM, "-c", conf, "token", "bench", "--uses", str(len(csrs))],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    version = hashlib.sha256(dynfarm.read_own_source()).hexdigest()
+    return [http_post("/v1/enroll", json.dumps({
+        "version": version, "token": token, "machine_id": f"bench{i}", "hostname": f"vm{i}",
+        "csr": csr, "host_keys": [], "facts": {}}).encode()) for i, csr in enumerate(csrs)]
+
+
 def http_post(path, body):
     return (f"POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -274,8 +286,9 @@ def floor_now(config, csrs):
     return (handshake_cpu(config), *signing_cpu(config, csrs))
 
 
-def one_round(argv, port, ctx, bodies, tmp):
-    """Start a server (argv), fire all bodies at it at once; the figures of that run."""
+@contextlib.contextmanager
+def running_server(argv, port, tmp):
+    """A server process (argv) answering on port; terminated on leaving."""
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "server.log"), "a"))
     try:
         deadline = time.monotonic() + 20
@@ -288,6 +301,15 @@ def one_round(argv, port, ctx, bodies, tmp):
                     sys.exit(f"bench: the server did not start; see {tmp}/server.log")
                 time.sleep(0.05)
         os.sync()   # what the set-up wrote must not be flushed on the clock
+        yield server
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def one_round(argv, port, ctx, bodies, tmp):
+    """Start a server (argv), fire all bodies at it at once; the figures of that run."""
+    with running_server(argv, port, tmp) as server:
         cpu_before, load_before, idle_before = process_cpu(server.pid), cpu_seconds(), machine_idle()
         started = time.monotonic()
         results = drive(port, ctx, bodies, 180)
@@ -297,9 +319,6 @@ def one_round(argv, port, ctx, bodies, tmp):
         return {"results": results, "ok": len(ok), "rate": len(ok) / elapsed, "elapsed": elapsed,
                 "addresses": len({r[1] for r in ok}), "own": own, "children": children,
                 "load": cpu_seconds() - load_before, "idle": machine_idle() - idle_before}
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def dynfarm_round(tmp, csrs, index):
@@ -309,12 +328,7 @@ def dynfarm_round(tmp, csrs, index):
     port = free_port()
     conf = make_site(site, port)
     config = dynfarm.load_config(conf)
-    token = subprocess.run([sys.executable, DYNFARM, "-c", conf, "token", "bench", "--uses", str(len(csrs))],
-                           check=True, capture_output=True, text=True).stdout.strip()
-    version = hashlib.sha256(dynfarm.read_own_source()).hexdigest()
-    bodies = [http_post("/v1/enroll", json.dumps({
-        "version": version, "token": token, "machine_id": f"bench{i}", "hostname": f"vm{i}",
-        "csr": csr, "host_keys": [], "facts": {}}).encode()) for i, csr in enumerate(csrs)]
+    bodies = enroll_requests(conf, csrs)
     ctx = ssl.create_default_context(cafile=config.state.ca_cert)
     before = floor_now(config, csrs)
     creation = file_creation_cpu(os.path.join(config.state.root, "fs-probe"))
