@@ -18,7 +18,7 @@ import time
 import pytest
 
 import dynfarm
-from helpers import (SITE_TEMPLATE, Machine, call, crl_serials, enroll_body, free_port, fresh_csr, post, start_server,
+from helpers import (SITE_TEMPLATE, Machine, call, crl_serials, db_snapshot, enroll_body, free_port, fresh_csr, post, start_server,
                      write_site)
 
 BURST = 80
@@ -192,10 +192,10 @@ def test_restore_refuses_a_site_the_vms_would_not_find(backed_up, capsys):
 
 def test_restore_refuses_a_state_directory_that_holds_a_site(backed_up, capsys):
     conf, _, archive = backed_up
-    config = dynfarm.load_config(conf)
-    before = open(config.state.database, "rb").read()
+    store = dynfarm.open_store(dynfarm.load_config(conf))
+    before = db_snapshot(store)
     refused(conf, archive, capsys, "already holds a site")
-    assert open(config.state.database, "rb").read() == before
+    assert db_snapshot(store) == before
 
 
 def test_restore_refuses_a_damaged_or_foreign_archive(backed_up, capsys, tmp_path):
