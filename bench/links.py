@@ -1,25 +1,35 @@
 #!/usr/bin/env python3
-"""VM-to-master TCP throughput through VPN plus link, beside the bare namespace link.
+"""The data plane: one TCP stream through each layer dynfarm builds, both ways,
+beside the bare parts it wraps, in the namespace world (tests/world.py).
 
-Builds the namespace world (tests/world.py), enrolls vm1, brings the links up
-(vxlan, or gre where the kernel has it), then sends SIZE bytes over TCP:
+  bare veth            site <-> master over the site LAN (no tunnel at all)
+  bare OpenVPN         vm1 <-> site through the NAT, a plain server/client
+                       configuration (the site's PKI, OpenVPN's defaults): the anchor
+  dynfarm tunnel       vm1 <-> the VPN server's own address (10.8.0.1)
+  dynfarm full path    vm1 <-> master 10.10.0.5, through the VPN and the link
+                       (vxlan, or gre where the kernel has it)
 
-  through    vm1 --OpenVPN--> site --link--> master 10.10.0.5
-  baseline   site --veth/bridge--> master 10.10.0.5 (the bare namespace link)
+"up" is from the VM's side (or the site, for the veth) toward the site's
+(master), "down" the other way. Per transfer: MB/s at the receiver, TCP
+retransmits counted in the sender's namespace, and the CPU the two OpenVPN
+processes spent per MB. Then the ratio of dynfarm's full path to the bare
+OpenVPN tunnel. Median of ROUNDS.
 
-both measured in the same run, best of ROUNDS. Usage: bench/links.py [MB] [ROUNDS]
-(default 200 MB, 3 rounds). Needs root; everything stays in our namespaces.
+Usage: bench/links.py [MB] [ROUNDS] (default 200 MB, 3 rounds). Needs root;
+everything stays in our namespaces.
 """
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from farm import SITE_CONF, running_farm  # noqa: E402
-from world import VM_PYTHON  # noqa: E402
+from farm import SITE_CONF, running_farm, wait_for  # noqa: E402
+from world import MASTER_IP, SITE_LAN_IP, SITE_WAN_IP, VM_PYTHON  # noqa: E402
 
 SINK = r"""
 import socket, sys, time
@@ -48,22 +58,85 @@ for _ in range(int(sys.argv[3])):
 s.close()
 """
 
+BARE_PORT = 1300
+BARE_NET = "10.99.0"
+BARE_DEVICE = "bare0"       # not df-*: dynfarm's firewall leaves it alone
 
-def throughput(world, sender, megabytes, port):
-    """MB/s of one transfer from sender to the master, timed at the receiver."""
-    sink = subprocess.Popen(world.argv("master", [VM_PYTHON, "-c", SINK, "10.10.0.5", str(port)]),
+
+def retransmits(world, node):
+    """TCP segments retransmitted so far in node's namespace (/proc/net/snmp)."""
+    lines = [line.split() for line in world.run(node, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def transfer(world, sender, receiver, address, megabytes, port, pids):
+    """(MB/s at the receiver, retransmits, CPU ms per MB of pids) of one stream."""
+    sink = subprocess.Popen(world.argv(receiver, [VM_PYTHON, "-c", SINK, address, str(port)]),
                             stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout.readline().strip() == "ready"
-        world.run(sender, [VM_PYTHON, "-c", SOURCE, "10.10.0.5", str(port), str(megabytes)], timeout=300)
+        before, cpu = retransmits(world, sender), cpu_seconds(pids)
+        world.run(sender, [VM_PYTHON, "-c", SOURCE, address, str(port), str(megabytes)], timeout=300)
         total, seconds = sink.stdout.readline().split()
         sink.wait(30)
+        spent = cpu_seconds(pids) - cpu
     finally:
         if sink.poll() is None:
             sink.kill()
     if int(total) != megabytes << 20:
-        raise SystemExit(f"bench: {sender} sent {megabytes} MB, the master got {total} bytes")
-    return megabytes / float(seconds)
+        raise SystemExit(f"bench: {sender} sent {megabytes} MB, {receiver} got {total} bytes")
+    return megabytes / float(seconds), retransmits(world, sender) - before, spent * 1000 / megabytes
+
+
+def start_bare_tunnel(farm, tmp):
+    """A plain OpenVPN server (site) and client (vm1) with the site's PKI and
+    OpenVPN's defaults; their pids once the tunnel answers."""
+    state = os.path.join(farm.dir, "state", "pki")
+    server_conf = os.path.join(tmp, "bare-server.conf")
+    with open(server_conf, "w") as f:
+        f.write(f"mode server\ntls-server\nproto udp4\nport {BARE_PORT}\ndev {BARE_DEVICE}\ndev-type tun\n"
+                f"topology subnet\nserver {BARE_NET}.0 255.255.255.0\n"
+                f"ca {state}/ca.crt\ncert {state}/server.crt\nkey {state}/server.key\ndh none\n"
+                "keepalive 10 60\nverb 1\n")
+    client_conf = farm.world.vm_path("vm1", "/root/bare-client.conf")
+    with open(client_conf, "w") as f:
+        f.write(f"client\ndev {BARE_DEVICE}\ndev-type tun\nproto udp4\nremote {SITE_WAN_IP} {BARE_PORT}\nnobind\n"
+                f"ca /etc/dynfarm/site-ca.pem\ncert /var/lib/dynfarm/client.crt\nkey /var/lib/dynfarm/client.key\n"
+                "remote-cert-tls server\nverb 1\n")
+    server = farm.world.spawn("site", ["openvpn", "--config", server_conf], os.path.join(tmp, "bare-server.log"))
+    client = farm.world.spawn("vm1", ["openvpn", "--config", "/root/bare-client.conf"],
+                              os.path.join(tmp, "bare-client.log"))
+    # (a ping would not tell: the site answers for its own address over the NAT as well)
+    wait_for(lambda: " inet " in farm.world.run("vm1", ["ip", "-o", "-4", "addr", "show", "dev", BARE_DEVICE],
+                                               check=False).stdout, "the bare tunnel", timeout=30)
+    return server.pid, client.pid
+
+
+def measure(farm, paths, megabytes, rounds):
+    """{(path, direction): [(MB/s, retransmits, CPU ms/MB), ...]}, rounds interleaved."""
+    results = {}
+    port = 6000
+    for _ in range(rounds):
+        for name, up, down, pids in paths:
+            for direction, (sender, receiver, address) in (("up", up), ("down", down)):
+                port += 1
+                results.setdefault((name, direction), []).append(
+                    transfer(farm.world, sender, receiver, address, megabytes, port, pids))
+    return results
+
+
+def median_of(runs):
+    return tuple(statistics.median(values) for values in zip(*runs))
 
 
 def main():
@@ -71,21 +144,41 @@ def main():
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     if os.geteuid() != 0:
         sys.exit("bench/links.py: needs root (network namespaces)")
+    encap = "vxlan" if "encap = vxlan" in SITE_CONF else "gre"
     with tempfile.TemporaryDirectory(prefix="dynfarm-bench-links-") as tmp, running_farm(tmp, vms=("vm1",),
                                                                                          conf=SITE_CONF) as farm:
-        farm.world.run("vm1", ["sh", "-s"], input=farm.dynfarm("bootstrap", "aruba").stdout, timeout=90)
+        world = farm.world
+        world.run("vm1", ["sh", "-s"], input=farm.dynfarm("bootstrap", "aruba").stdout, timeout=90)
+        vm_address = farm.host_of("vm1")[1]
+        dynfarm_pids = [farm.vpn["aruba"].pid,
+                        int(open(world.vm_path("vm1", "/var/lib/dynfarm/openvpn.pid")).read())]
+        bare_pids = start_bare_tunnel(farm, tmp)
+        bare_vm = world.run("vm1", ["ip", "-o", "-4", "addr", "show", "dev", BARE_DEVICE]).stdout.split()
+        bare_vm = bare_vm[bare_vm.index("inet") + 1].split("/")[0]
+        # The tunnel alone first: 'links up' makes the VPN server answer VMs on the enrollment port only.
+        results = measure(farm, [
+            ("bare veth", ("site", "master", MASTER_IP), ("master", "site", SITE_LAN_IP), []),
+            ("bare OpenVPN", ("vm1", "site", f"{BARE_NET}.1"), ("site", "vm1", bare_vm), bare_pids),
+            ("dynfarm tunnel", ("vm1", "site", "10.8.0.1"), ("site", "vm1", vm_address), dynfarm_pids),
+        ], megabytes, rounds)
         farm.dynfarm("links", "up")
-        farm.world.run("master", ["sh", "-s"], input=farm.dynfarm("links", "peer", "master").stdout)
-        through, bare = [], []
-        for n in range(rounds):
-            bare.append(throughput(farm.world, "site", megabytes, 6000 + 2 * n))
-            through.append(throughput(farm.world, "vm1", megabytes, 6001 + 2 * n))
-        encap = "vxlan" if "encap = vxlan" in SITE_CONF else "gre"
-        print(f"{megabytes} MB over TCP to the master 10.10.0.5, best of {rounds}:")
-        print(f"  bare namespace link (site -> master):     {max(bare):8.1f} MB/s")
-        print(f"  VM through OpenVPN + {encap} link:         {max(through):8.1f} MB/s")
-        print(f"  ratio: {max(through) / max(bare):.2f} of the bare link (OpenVPN's user-space crypto "
-              f"is the cost; both on the same 2 cores)")
+        world.run("master", ["sh", "-s"], input=farm.dynfarm("links", "peer", "master").stdout)
+        time.sleep(0.5)
+        results.update(measure(farm, [
+            (f"dynfarm full path ({encap})", ("vm1", "master", MASTER_IP), ("master", "vm1", vm_address),
+             dynfarm_pids)], megabytes, rounds))
+    print(f"one TCP stream of {megabytes} MB each way, median of {rounds}; up = from the VM's side:")
+    print(f"  {'path':26} {'up MB/s':>8} {'retrans':>8} {'CPU ms/MB':>10}   {'down MB/s':>9} {'retrans':>8} "
+          f"{'CPU ms/MB':>10}")
+    medians = {key: median_of(runs) for key, runs in results.items()}
+    for name in dict.fromkeys(name for name, _ in results):
+        up, down = medians[(name, "up")], medians[(name, "down")]
+        cpu = (lambda m: f"{m[2]:10.1f}") if "veth" not in name else (lambda m: f"{'-':>10}")
+        print(f"  {name:26} {up[0]:8.1f} {up[1]:8.0f} {cpu(up)}   {down[0]:9.1f} {down[1]:8.0f} {cpu(down)}")
+    full = f"dynfarm full path ({encap})"
+    print(f"  ratio, dynfarm's full path to the bare OpenVPN tunnel: up {medians[(full, 'up')][0] / medians[('bare OpenVPN', 'up')][0]:.2f}, "
+          f"down {medians[(full, 'down')][0] / medians[('bare OpenVPN', 'down')][0]:.2f} (target: at least 0.9)")
+    print("  (CPU: both OpenVPN processes, the site's and the VM's, per MB carried; all on the same 2 cores)")
     return 0
 
 
