@@ -1481,6 +1481,10 @@ def make_csr(key_path, common_name):
 
 # === Network: OpenVPN ===
 
+VPN_SOCKET_BUFFER = 1 << 20     # bytes, each way, at both ends: tunnel_tuning
+VPN_TXQUEUELEN = 1000           # packets in the tun device's queue
+SOCKET_LIMITS = ("net/core/rmem_max", "net/core/wmem_max")
+
 def openvpn_server_config(config, provider):
     """The provider's OpenVPN server: static addresses only, split tunnel.
 
@@ -1521,7 +1525,7 @@ def openvpn_server_config(config, provider):
         "tls-version-min 1.2",
         "remote-cert-tls client",
         "keepalive 10 60",
-    ] + ([
+    ] + tunnel_tuning(provider) + ([
         # Stopped or restarted, the server tells its clients to reconnect at
         # once; else each would wait out its ping-restart (60 s). Killed, it
         # cannot: then they do wait.
@@ -1535,6 +1539,21 @@ def openvpn_server_config(config, provider):
         "verb 3",
     ]
     return "\n".join(lines) + "\n"
+
+
+def tunnel_tuning(provider):
+    """Both ends' settings for bulk transfer, chosen with bench/links.py.
+
+    Untuned, the receiving OpenVPN's socket buffer overflowed and the tun
+    queue (100 packets) dropped, so TCP kept backing off: 10-17 thousand
+    retransmits per 200 MB. A 1000-packet queue removes the drops, 1 MiB
+    socket buffers the overflows (2 MiB did no better), and fast-io (UDP
+    only) saves a poll per packet: a tenth less CPU per MB. The kernel caps
+    the buffers at net.core.rmem_max/wmem_max: 'links up' and the client
+    raise those (socket_buffer_steps, raise_kernel_limits).
+    """
+    lines = [f"sndbuf {VPN_SOCKET_BUFFER}", f"rcvbuf {VPN_SOCKET_BUFFER}", f"txqueuelen {VPN_TXQUEUELEN}"]
+    return lines + (["fast-io"] if provider.vpn_proto == "udp" else [])
 
 
 def openvpn_client_config(config, provider, certificate):
@@ -1557,6 +1576,7 @@ def openvpn_client_config(config, provider, certificate):
         "explicit-exit-notify 1",
     ] if provider.vpn_proto == "udp" else []) + [
         "tls-version-min 1.2",
+    ] + tunnel_tuning(provider) + [
         "persist-key",
         "persist-tun",
         "verb 3",
@@ -1711,6 +1731,13 @@ PEER_DEVICE = "dl-dynfarm"                          # the link device on the lin
 FORWARD_CHAIN = "DYNFARM-FWD"
 INPUT_CHAIN = "DYNFARM-IN"
 MSS_CHAIN = "DYNFARM-MSS"
+# What each encapsulation adds to a packet over IPv4: the link device's MTU is
+# the way's own less this, so the kernel and the MSS clamp know what fits.
+ENCAP_OVERHEAD = {"gre": 20 + 4, "vxlan": 20 + 8 + 8 + 14}
+
+# How a linked host is reached from here: our address on the way, the
+# interface it leaves by, and that interface's MTU (link_routes).
+Route = collections.namedtuple("Route", "source interface mtu")
 
 
 def link_addresses(link):
@@ -1745,11 +1772,25 @@ def links_plan(config, routes):
     """Every action 'links up' takes, as data; routes maps link name -> (our
     address toward that host, the interface the way leaves by): link_routes()."""
     if config.mode == "bridged":
-        return bridge_steps(config)
+        return bridge_steps(config) + socket_buffer_steps()
     plan = forwarding_steps(config, routes)
     if config.mode == "gre":
         plan += link_device_steps(config, routes) + policy_routing_steps(config)
     plan += firewall_steps(config, routes)
+    return plan + socket_buffer_steps()
+
+
+def socket_buffer_steps():
+    """The kernel's caps on socket buffers, raised to what OpenVPN asks for
+    (tunnel_tuning), never lowered; the undo puts back the value they had.
+    Neither touches a cap that is already right, nor one this network
+    namespace may read but not write (the host's then applies)."""
+    plan = []
+    for key in SOCKET_LIMITS:
+        path = "/proc/sys/" + key
+        unless = f'[ ! -w {path} ] || [ "$(cat {path})"'
+        plan.append(step(["sh", "-c", f"{unless} -ge {VPN_SOCKET_BUFFER} ] || sysctl -qw {key}={VPN_SOCKET_BUFFER}"],
+                         ["sh", "-c", f'{unless} = "{{previous}}" ] || sysctl -qw {key}={{previous}}'], path))
     return plan
 
 
@@ -1775,7 +1816,7 @@ def forwarding_steps(config, routes):
 
 def link_interfaces(routes):
     """The interfaces the ways to the linked hosts leave by, each once."""
-    return sorted({interface for _, interface in routes.values()})
+    return sorted({route.interface for route in routes.values()})
 
 
 def bridge_steps(config):
@@ -1798,8 +1839,10 @@ def link_device_steps(config, routes):
     for link in config.links.values():
         ours, theirs = link_addresses(link)
         dev = link.device
+        route = routes[link.name]
         plan += [
-            step(link_device_argv(dev, link, routes[link.name][0], str(link.address)), ["ip", "link", "del", dev]),
+            step(link_device_argv(dev, link, route.source, str(link.address)), ["ip", "link", "del", dev]),
+            step(["ip", "link", "set", dev, "mtu", str(route.mtu - ENCAP_OVERHEAD[link.encap])]),
             step(["ip", "addr", "add", ours + "/30", "dev", dev]),
             # Replies from the linked host come in on the link, not on the LAN
             # where its address lives: loose reverse-path checking only.
@@ -1841,7 +1884,7 @@ def firewall_steps(config, routes):
             # that way takes. Accepting all traffic to the VMs would also let
             # in whatever reaches this host from outside the site (another
             # provider's VMs, through their NAT, included).
-            lan = routes[link.name][1]
+            lan = routes[link.name].interface
             rules += [["-i", vpn, "-o", lan, "-d", str(link.address), "-j", "ACCEPT"],
                       ["-i", lan, "-s", str(link.address), "-o", vpn, "-j", "ACCEPT"]]
     if config.mode == "routed":
@@ -1882,14 +1925,15 @@ def chain_steps(table, chain, rules, hook="FORWARD"):
 
 
 def link_routes(config):
-    """(our address toward each linked host, the interface the way leaves by),
-    as the kernel would route them."""
+    """{link name: Route} to each linked host, as the kernel would route it."""
     routes = {}
     for link in config.links.values():
         route = run(["ip", "-o", "route", "get", str(link.address)]).stdout.decode().split()
         if "src" not in route or "dev" not in route:
             raise UsageError(f"link {link.name}: no route to {link.address} from this host")
-        routes[link.name] = (route[route.index("src") + 1], route[route.index("dev") + 1])
+        interface = route[route.index("dev") + 1]
+        mtu = int(read_text(f"/sys/class/net/{interface}/mtu"))
+        routes[link.name] = Route(route[route.index("src") + 1], interface, mtu)
     return routes
 
 
@@ -1955,10 +1999,13 @@ def remove_file(path):
         pass
 
 
-def peer_script(config, link, outer, down=False):
-    """POSIX sh for the linked host's end: its link device and the routes back."""
+def peer_script(config, link, route, down=False):
+    """POSIX sh for the linked host's end: its link device and the routes back.
+    route: ours toward that host (Route), whose source is the far end's remote."""
     ours, theirs = link_addresses(link)
+    outer = route.source
     create = " ".join(shlex.quote(a) for a in link_device_argv(PEER_DEVICE, link, str(link.address), outer))
+    overhead = ENCAP_OVERHEAD[link.encap]
     lines = [
         "#!/bin/sh",
         f"# dynfarm link '{link.name}': the linked host's end ({link.address}), {link.encap} to the VPN server "
@@ -1973,7 +2020,12 @@ def peer_script(config, link, outer, down=False):
         lines += [f"    if ip link show {PEER_DEVICE} >/dev/null 2>&1; then ip link del {PEER_DEVICE}; fi"]
     else:
         lines += [
+            # The smaller of both ways' MTUs, less the encapsulation (our end knows only its own way).
+            f"    dev=$(ip -o route get {outer} | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')",
+            f"    mtu=$(( $(cat /sys/class/net/$dev/mtu) - {overhead} ))",
+            f"    if [ \"$mtu\" -gt {route.mtu - overhead} ]; then mtu={route.mtu - overhead}; fi",
             f"    ip link show {PEER_DEVICE} >/dev/null 2>&1 || {create}",
+            f"    ip link set {PEER_DEVICE} mtu \"$mtu\"",
             f"    ip addr replace {theirs}/30 dev {PEER_DEVICE}",
             f"    echo 2 > /proc/sys/net/ipv4/conf/{PEER_DEVICE}/rp_filter",
             f"    ip link set {PEER_DEVICE} up",
@@ -2120,7 +2172,7 @@ def links_peer(config, name, down=False):
         known = ", ".join(config.links) or "none"
         raise UsageError(f"no link named '{name}' (configured: {known})")
     link = config.links[name]
-    print(peer_script(config, link, link_routes(config)[link.name][0], down=down), end="")
+    print(peer_script(config, link, link_routes(config)[link.name], down=down), end="")
     return 0
 
 
@@ -3924,6 +3976,8 @@ class Client:
             say("tunnel already up; left as it is")
             return
         self.stop_openvpn()
+        for warning in raise_kernel_limits():
+            say(warning)
         run(["openvpn", "--daemon", "dynfarm-client", "--config", self.vpn_config_path,
              "--writepid", self.vpn_pid_path, "--log", self.vpn_log_path])
         started = time.monotonic()
@@ -4025,6 +4079,23 @@ class Client:
 # connection cap: tries spaced 2, 4, 8, 15, then 30 s, each spread by half
 # either way so that VMs refused together do not all come back together.
 RETRY_STEPS = (2, 4, 8, 15, 30)
+
+
+def raise_kernel_limits(root="/proc/sys"):
+    """The VM's side of socket_buffer_steps: the caps on socket buffers
+    raised to what the tunnel asks for, if lower. What cannot be raised (a
+    container's read-only /proc) only costs speed: a warning each."""
+    warnings = []
+    for key in SOCKET_LIMITS:
+        path = os.path.join(root, key)
+        try:
+            if int(read_text(path)) < VPN_SOCKET_BUFFER:
+                with open(path, "w") as f:
+                    f.write(str(VPN_SOCKET_BUFFER))
+        except (OSError, ValueError) as e:
+            warnings.append(f"could not raise {key.replace('/', '.')} to {VPN_SOCKET_BUFFER} "
+                            f"({getattr(e, 'strerror', None) or e}): the tunnel may be slower")
+    return warnings
 
 
 def retry_pauses():

@@ -159,6 +159,26 @@ def test_openvpn_server_config_parses_with_real_openvpn(site, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_both_ends_carry_the_tunnel_tuning_and_real_openvpn_takes_it(site, tmp_path, proto):
+    config, _, _ = site
+    provider = config.providers["aruba"]
+    provider.vpn_proto = proto
+    certificate = open(config.state.server_cert).read()    # any certificate: only parsing is asked
+    client = dynfarm.openvpn_client_config(config, provider, certificate) + f"key {config.state.server_key}\n"
+    for name, text in (("server", dynfarm.openvpn_server_config(config, provider)), ("client", client)):
+        lines = text.splitlines()
+        for line in ("sndbuf 1048576", "rcvbuf 1048576", "txqueuelen 1000"):
+            assert line in lines, (name, line)
+        assert ("fast-io" in lines) == (proto == "udp"), name       # UDP only
+        path = tmp_path / f"{name}-{proto}.conf"
+        path.write_text(text)
+        done = subprocess.run(["openvpn", "--config", str(path), "--dev", "null", "--ifconfig-noexec",
+                               "--route-noexec", "--verb", "0", "--show-ciphers"],
+                              capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, (name, done.stderr)
+
 def test_customization_may_live_anywhere_else(tmp_path):
     """An admin keeps site.conf in /etc/dynfarm and the trees in /srv: absolute paths are fine."""
     elsewhere = tmp_path / "srv" / "aruba"

@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+import dynfarm
+
 from farm import SITE_CONF, running_farm, transfer
 from world import VM_PYTHON
 
@@ -134,6 +136,16 @@ def test_a_forward_policy_of_drop_keeps_the_vms_traffic(linked):
     finally:
         farm.world.run("site", ["iptables", "-w", "-P", "FORWARD", "ACCEPT"])
 
+
+def test_both_ends_of_the_link_and_the_tunnel_have_the_mtus_that_fit(linked):
+    """The LAN's 1500 less the encapsulation (vxlan 50, gre 24) on both ends, so
+    the clamp and the kernel agree; the VM's tunnel device at OpenVPN's 1500."""
+    farm = linked[0]
+    encap = "gre" if "encap = gre" in open(farm.conf).read() else "vxlan"
+    mtu = f" mtu {1500 - dynfarm.ENCAP_OVERHEAD[encap]} "
+    assert mtu in farm.world.run("site", ["ip", "-o", "link", "show", "dl-master"]).stdout
+    assert mtu in farm.world.run("master", ["ip", "-o", "link", "show", "dl-dynfarm"]).stdout
+    assert " mtu 1500 " in farm.world.run("vm1", ["ip", "-o", "link", "show", "tun0"]).stdout
 
 def test_master_reaches_the_vm(linked):
     farm, addresses, _ = linked

@@ -18,6 +18,9 @@ import dynfarm
 
 # --- the plan ---------------------------------------------------------------------
 
+# The way to the master, as link_routes() finds it: our address, interface, its MTU.
+LAN = {"master": dynfarm.Route("10.10.0.1", "br-site", 1500)}
+
 def gre_config(site):
     config, _, _ = site
     config.links["master"].encap = "gre"
@@ -26,13 +29,14 @@ def gre_config(site):
 
 def test_gre_link_plan_commands(site):
     config = gre_config(site)
-    plan = dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})
+    plan = dynfarm.links_plan(config, LAN)
     do = [" ".join(action["do"]) for action in plan]
-    assert do[:8] == [
+    assert do[:9] == [
         "sysctl -qw net/ipv4/conf/default/forwarding=1",
         "sysctl -qw -e net/ipv4/conf/df-aruba/forwarding=1",
         "sysctl -qw -e net/ipv4/conf/df-other/forwarding=1",
         "ip link add dl-master type gre local 10.10.0.1 remote 10.10.0.5 ttl 64",
+        "ip link set dl-master mtu 1476",
         "ip addr add 169.254.64.1/30 dev dl-master",
         "sysctl -qw net.ipv4.conf.dl-master.rp_filter=2",
         "ip link set dl-master up",
@@ -51,14 +55,29 @@ def test_gre_link_plan_commands(site):
 
 def test_vxlan_link_uses_its_own_id_and_port(site):
     config, _, _ = site
-    plan = [a for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}) if a["do"][0] == "ip"]
+    plan = [a for a in dynfarm.links_plan(config, LAN) if a["do"][0] == "ip"]
     assert plan[0]["do"] == ["ip", "link", "add", "dl-master", "type", "vxlan", "id", "4200", "local",
                              "10.10.0.1", "remote", "10.10.0.5", "dstport", "4789"]
+    assert plan[1]["do"] == ["ip", "link", "set", "dl-master", "mtu", "1450"]
 
+
+@pytest.mark.parametrize("encap, lan_mtu, link_mtu", [("vxlan", 1500, 1450), ("gre", 1500, 1476),
+                                                      ("vxlan", 9000, 8950), ("gre", 9000, 8976)])
+def test_the_link_mtu_is_the_ways_less_the_encapsulation(site, encap, lan_mtu, link_mtu):
+    """A jumbo LAN gets a jumbo link: it carries only site traffic; what leaves
+    for the internet goes through the tun device (1500) and OpenVPN's mssfix."""
+    config, _, _ = site
+    config.links["master"].encap = encap
+    lan = {"master": dynfarm.Route("10.10.0.1", "br-site", lan_mtu)}
+    assert ["ip", "link", "set", "dl-master", "mtu", str(link_mtu)] in [a["do"] for a in dynfarm.links_plan(config, lan)]
+    script = dynfarm.peer_script(config, config.links["master"], lan["master"])
+    assert f'mtu=$(( $(cat /sys/class/net/$dev/mtu) - {lan_mtu - link_mtu} ))' in script
+    assert f'if [ "$mtu" -gt {link_mtu} ]; then mtu={link_mtu}; fi' in script
+    assert 'ip link set dl-dynfarm mtu "$mtu"' in script        # an existing end is set right too
 
 def test_every_step_that_adds_has_its_undo(site):
     config = gre_config(site)
-    for action in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")}):
+    for action in dynfarm.links_plan(config, LAN):
         verb = action["do"][2] if action["do"][0] == "ip" else action["do"][-1]
         if action["do"][:3] in (["ip", "addr", "add"], ["ip", "link", "set"]) or "rp_filter" in verb:
             continue                          # gone with the link device
@@ -68,7 +87,7 @@ def test_every_step_that_adds_has_its_undo(site):
 def test_vm_to_vm_no_drops_the_same_provider_rule(site):
     config, _, _ = site
     config.providers["aruba"].vm_to_vm = False
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, LAN)]
     assert not any("iif df-aruba to 10.8.0.0/24" in line for line in do)
     assert not any("-i df-aruba -o df-aruba" in line for line in do)
     assert any("-i df-other -o df-other" in line for line in do)
@@ -77,7 +96,7 @@ def test_vm_to_vm_no_drops_the_same_provider_rule(site):
 def test_routed_mode_forwards_only_to_and_from_the_linked_hosts(site, capsys):
     config, _, _ = site
     config.mode = "routed"
-    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, {"master": ("10.10.0.1", "br-site")})]
+    do = [" ".join(a["do"]) for a in dynfarm.links_plan(config, LAN)]
     assert not any(line.startswith(("ip link", "ip rule", "ip route")) for line in do)
     assert [line for line in do if line.startswith("sysctl")] == [
         "sysctl -qw net/ipv4/conf/default/forwarding=1", "sysctl -qw -e net/ipv4/conf/df-aruba/forwarding=1",
@@ -144,7 +163,7 @@ def test_a_links_record_from_another_boot_is_stale(tmp_path, monkeypatch):
 
 def test_peer_script_is_posix_and_idempotent_in_form(site):
     config = gre_config(site)
-    script = dynfarm.peer_script(config, config.links["master"], "10.10.0.1")
+    script = dynfarm.peer_script(config, config.links["master"], LAN["master"])
     for shell in (["dash", "-n"], ["busybox", "sh", "-n"]):
         assert subprocess.run(shell, input=script, text=True).returncode == 0
     assert "ip link show dl-dynfarm >/dev/null 2>&1 || ip link add dl-dynfarm type gre local 10.10.0.5 " \
@@ -152,5 +171,44 @@ def test_peer_script_is_posix_and_idempotent_in_form(site):
     assert "ip route replace 10.8.0.0/24 via 169.254.64.1 dev dl-dynfarm src 10.10.0.5" in script
     assert "ip route replace 10.9.0.0/29 via 169.254.64.1 dev dl-dynfarm src 10.10.0.5" in script
     assert script.rstrip().endswith('main "$@"')
-    down = dynfarm.peer_script(config, config.links["master"], "10.10.0.1", down=True)
+    down = dynfarm.peer_script(config, config.links["master"], LAN["master"], down=True)
     assert "ip link del dl-dynfarm" in down and "ip link add" not in down
+
+
+# --- the kernel's caps on socket buffers -------------------------------------------
+
+def test_every_mode_raises_the_socket_buffer_caps_and_undoes_it(site):
+    config, _, _ = site
+    for mode in ("gre", "routed", "bridged"):
+        config.mode = mode
+        plan = dynfarm.links_plan(config, LAN)
+        limits = [a for a in plan if a["previous"] in ("/proc/sys/net/core/rmem_max", "/proc/sys/net/core/wmem_max")]
+        assert len(limits) == 2, mode
+        for action in limits:
+            assert action["do"][:2] == ["sh", "-c"] and "-ge 1048576 ] || sysctl -qw net/core/" in action["do"][2]
+            assert "{previous}" in action["undo"][2]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the steps in a network namespace of its own")
+def test_socket_buffer_steps_leave_a_cap_the_namespace_cannot_write(tmp_path):
+    """In a network namespace the caps are the host's, readable, not writable:
+    the steps must do nothing there, and succeed (the test world's site)."""
+    for action in dynfarm.socket_buffer_steps():
+        before = open(action["previous"]).read()
+        for argv in (action["do"], [a.replace("{previous}", "212992") for a in action["undo"]]):
+            done = subprocess.run(["unshare", "-n"] + argv, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        assert open(action["previous"]).read() == before
+
+
+def test_the_client_raises_low_caps_and_leaves_high_ones(tmp_path):
+    root = tmp_path / "sys"
+    (root / "net" / "core").mkdir(parents=True)
+    (root / "net" / "core" / "rmem_max").write_text("212992\n")
+    (root / "net" / "core" / "wmem_max").write_text("4194304\n")
+    assert dynfarm.raise_kernel_limits(str(root)) == []
+    assert (root / "net" / "core" / "rmem_max").read_text() == "1048576"
+    assert (root / "net" / "core" / "wmem_max").read_text() == "4194304\n"
+    (root / "net" / "core" / "wmem_max").unlink()
+    assert dynfarm.raise_kernel_limits(str(root)) == [
+        "could not raise net.core.wmem_max to 1048576 (No such file or directory): the tunnel may be slower"]
