@@ -2107,6 +2107,9 @@ def links_status(config):
     for line, warn in pki_dates(config):
         print(("WARNING: " if warn else "") + line)
         near = near or warn
+    for provider in config.providers.values():
+        where = data_channel(provider.interface)
+        print(f"vpn {provider.name}: " + (f"{provider.interface}, data channel {where}" if where else "not running"))
     up = read_record(config.state.links_record) is not None
     print(f"mode {config.mode}; links {'up' if up else 'down'}")
     if config.mode == "bridged":
@@ -2137,6 +2140,20 @@ def links_status(config):
 
 
 WARN_BEFORE = 60 * 86400        # how early `links status` warns of a date: two months
+
+
+def data_channel(interface):
+    """Where a VPN server's data channel runs, told by its device's kind:
+    OpenVPN makes an ovpn-dco (2.6) or ovpn (2.7) device when the kernel
+    offloads it (DCO), a tun (or bridged mode's tap) otherwise; None if the
+    device is not there (its server is not running)."""
+    out = run(["ip", "-d", "-o", "link", "show", "dev", interface], check=False)
+    if out.returncode != 0:
+        return None
+    words = out.stdout.decode().split()
+    if "ovpn-dco" in words or "ovpn" in words:
+        return "in the kernel (DCO)"
+    return "in user space (" + ("tap: DCO takes tun only" if "tap" in words else "tun") + ")"
 
 
 def pki_dates(config, now=None):

@@ -145,7 +145,9 @@ def test_both_ends_of_the_link_and_the_tunnel_have_the_mtus_that_fit(linked):
     mtu = f" mtu {1500 - dynfarm.ENCAP_OVERHEAD[encap]} "
     assert mtu in farm.world.run("site", ["ip", "-o", "link", "show", "dl-master"]).stdout
     assert mtu in farm.world.run("master", ["ip", "-o", "link", "show", "dl-dynfarm"]).stdout
-    assert " mtu 1500 " in farm.world.run("vm1", ["ip", "-o", "link", "show", "tun0"]).stdout
+    for node, device in (("vm1", "tun0"), ("site", "df-aruba")):    # and both ends' queue as tuned
+        shown = farm.world.run(node, ["ip", "-o", "link", "show", device]).stdout
+        assert " mtu 1500 " in shown and " qlen 1000" in shown, shown
 
 def test_master_reaches_the_vm(linked):
     farm, addresses, _ = linked
@@ -172,6 +174,8 @@ def test_status_shows_the_link_and_its_peer(linked):
     assert "links up" in out
     row = next(line for line in out.splitlines() if line.startswith("master"))
     assert row.split()[3:] == ["dl-master", "up", "answers"]
+    # this kernel has no ovpn-dco: the data channel is OpenVPN's own
+    assert "vpn aruba: df-aruba, data channel in user space (tun)" in out.splitlines()
 
 
 def test_second_up_changes_nothing(linked):

@@ -212,3 +212,26 @@ def test_the_client_raises_low_caps_and_leaves_high_ones(tmp_path):
     (root / "net" / "core" / "wmem_max").unlink()
     assert dynfarm.raise_kernel_limits(str(root)) == [
         "could not raise net.core.wmem_max to 1048576 (No such file or directory): the tunnel may be slower"]
+
+
+# --- where the data channel runs (links status) --------------------------------------
+
+TUN = ("7: df-aruba: <POINTOPOINT,MULTICAST,NOARP,UP,LOWER_UP> mtu 1500 qdisc fq_codel state UNKNOWN qlen 1000"
+       "\\    link/none  promiscuity 0 \\    tun type tun pi off vnet_hdr off persist off addrgenmode none")
+
+
+@pytest.mark.parametrize("shown, where", [
+    (TUN, "in user space (tun)"),
+    (TUN.replace("tun type tun", "tun type tap"), "in user space (tap: DCO takes tun only)"),
+    (TUN.replace("tun type tun pi off vnet_hdr off persist off", "ovpn-dco"), "in the kernel (DCO)"),   # 2.6
+    (TUN.replace("tun type tun pi off vnet_hdr off persist off", "ovpn mode mp"), "in the kernel (DCO)"),  # 2.7
+    ("", None),                                                          # no device: not running
+])
+def test_links_status_tells_where_the_data_channel_runs(monkeypatch, shown, where):
+    """The kind of the VPN server's device, as `ip -d -o link show` gives it (the
+    tun line is this machine's; the ovpn ones are what a DCO kernel names)."""
+    def ip(argv, check=True):
+        assert argv == ["ip", "-d", "-o", "link", "show", "dev", "df-aruba"]
+        return subprocess.CompletedProcess(argv, 0 if shown else 1, shown.encode(), b"")
+    monkeypatch.setattr(dynfarm, "run", ip)
+    assert dynfarm.data_channel("df-aruba") == where
