@@ -243,6 +243,7 @@ PROVIDER_KEYS = {
     "commands": "",
     "vm_to_vm": "yes",
     "bridge_pool": "",
+    "vpn_instances": "1",
 }
 LINK_KEYS = {"address": None, "encap": "gre"}
 # How retire asks the batch system to let a node go: shell commands run on
@@ -263,14 +264,49 @@ class Provider:
     commands: list   # absolute paths of scripts run on the VM, in order
     vm_to_vm: bool   # may this provider's VMs reach each other
     bridge_pool: tuple = None   # bridged mode: (first, last) LAN addresses, as ints
+    instances: int = 1          # OpenVPN servers (vpn_instances), each with a slice of vpn_subnet
 
     @property
-    def server_address(self):
-        return next(self.vpn_subnet.hosts())
+    def vpns(self):
+        """The provider's OpenVPN servers: vpn_subnet cut in as many equal
+        slices as the next power of two, the first ones used."""
+        bits = (self.instances - 1).bit_length()
+        slices = self.vpn_subnet.subnets(prefixlen_diff=bits)
+        return [VPN(self, index, subnet) for index, subnet in zip(range(self.instances), slices)]
+
+    def vpn_of(self, address):
+        """The server a host belongs to: the one whose slice holds its address
+        (bridged mode's LAN addresses: the only one)."""
+        vpns = self.vpns
+        address = ipaddress.IPv4Address(address)
+        return next((vpn for vpn in vpns if address in vpn.subnet), vpns[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class VPN:
+    """One OpenVPN server of a provider. The first has the provider's own
+    names (vpn aruba, df-aruba, port vpn_port); the next are aruba-1 (df-aruba-1,
+    vpn_port + 1), ... Each has its own client-config entries, status and
+    management socket; the tls-crypt key is the provider's."""
+    provider: Provider
+    index: int
+    subnet: ipaddress.IPv4Network
+
+    @property
+    def name(self):
+        return self.provider.name + (f"-{self.index}" if self.index else "")
+
+    @property
+    def port(self):
+        return self.provider.vpn_port + self.index
 
     @property
     def interface(self):
         return f"df-{self.name}"
+
+    @property
+    def server_address(self):
+        return next(self.subnet.hosts())
 
 
 @dataclasses.dataclass
@@ -366,6 +402,15 @@ class Config:
             known = ", ".join(sorted(self.providers)) or "none"
             raise UsageError(f"{self.path}: no provider '{name}' (configured: {known})")
         return self.providers[name]
+
+    def vpn(self, name):
+        """A provider's OpenVPN server by its name: aruba, aruba-1, ..."""
+        for provider in self.providers.values():
+            for vpn in provider.vpns:
+                if vpn.name == name:
+                    return vpn
+        known = ", ".join(v.name for p in self.providers.values() for v in p.vpns) or "none"
+        raise UsageError(f"{self.path}: no VPN server '{name}' (configured: {known})")
 
 
 def load_config(path):
@@ -486,8 +531,30 @@ def parse_provider(name, values, base, path, state_dir):
             raise UsageError(f"{where} commands: {command}: no such file")
     if values["vm_to_vm"] not in ("yes", "no"):
         raise UsageError(f"{where} vm_to_vm = {values['vm_to_vm']}: expected yes or no")
+    instances = parse_instances(values["vpn_instances"], name, port, subnet, where)
     return Provider(name, port, subnet, values["vpn_proto"], networks, files, commands, values["vm_to_vm"] == "yes",
-                    parse_pool(values["bridge_pool"], where) if values["bridge_pool"] else None)
+                    parse_pool(values["bridge_pool"], where) if values["bridge_pool"] else None, instances)
+
+
+def parse_instances(text, name, port, subnet, where):
+    """vpn_instances: a count, or auto for this machine's cores. Each server
+    needs a device name of 15 bytes at most, a port, and a slice of the
+    subnet with room for itself and at least one host."""
+    try:
+        instances = (os.cpu_count() or 1) if text == "auto" else int(text)
+    except ValueError:
+        instances = 0
+    if instances < 1:
+        raise UsageError(f"{where} vpn_instances = {text}: expected a count of 1 or more, or auto")
+    if len(f"df-{name}-{instances - 1}") > 15 and instances > 1:
+        raise UsageError(f"{where} vpn_instances = {instances}: device df-{name}-{instances - 1} would be over "
+                         "15 bytes; use a shorter provider name or fewer instances")
+    if port + instances - 1 > 65535:
+        raise UsageError(f"{where} vpn_instances = {instances}: ports {port}-{port + instances - 1} do not exist")
+    if subnet.prefixlen + (instances - 1).bit_length() > 30:
+        raise UsageError(f"{where} vpn_instances = {instances}: {subnet} cut in {instances} leaves no room for "
+                         "hosts; use a larger vpn_subnet")
+    return instances
 
 
 def parse_pool(text, where):
@@ -508,6 +575,9 @@ def check_bridged(site, providers, path):
     for p in providers.values():
         if p.bridge_pool is None:
             raise UsageError(f"{path}: mode = bridged needs bridge_pool in [provider:{p.name}]")
+        if p.instances > 1:
+            raise UsageError(f"{path}: [provider:{p.name}] vpn_instances = {p.instances}: bridged mode runs one "
+                             "OpenVPN server per provider (its tap in the bridge); use gre or routed mode")
         for other in seen:
             if p.bridge_pool[0] <= other.bridge_pool[1] and other.bridge_pool[0] <= p.bridge_pool[1]:
                 raise UsageError(f"{path}: bridge_pool of '{p.name}' overlaps that of '{other.name}'")
@@ -547,8 +617,9 @@ def check_no_overlap(providers, path):
             if p.vpn_subnet.overlaps(other.vpn_subnet):
                 raise UsageError(f"{path}: vpn_subnet {p.vpn_subnet} of '{p.name}' overlaps "
                                   f"{other.vpn_subnet} of '{other.name}'")
-            if (p.vpn_port, p.vpn_proto) == (other.vpn_port, other.vpn_proto):
-                raise UsageError(f"{path}: '{p.name}' and '{other.name}' both use {p.vpn_proto} port {p.vpn_port}")
+            shared = {v.port for v in p.vpns} & {v.port for v in other.vpns}
+            if shared and p.vpn_proto == other.vpn_proto:
+                raise UsageError(f"{path}: '{p.name}' and '{other.name}' both use {p.vpn_proto} port {min(shared)}")
         seen.append(p)
 
 
@@ -1020,13 +1091,16 @@ class Segment:
         return f"{ipaddress.IPv4Address(self.first)}-{ipaddress.IPv4Address(self.last)}"
 
 
-def segment(config, provider):
+def segment(config, vpn):
+    """The addresses one OpenVPN server gives out: its slice of the provider's
+    subnet (bridged mode: the provider's pool on the LAN)."""
     if config.mode == "bridged":
         lan = bridge_interface(config.bridge)
-        return Segment(provider.bridge_pool[0], provider.bridge_pool[1], str(lan.netmask), str(lan.ip))
-    net = provider.vpn_subnet
+        pool = vpn.provider.bridge_pool
+        return Segment(pool[0], pool[1], str(lan.netmask), str(lan.ip))
+    net = vpn.subnet
     return Segment(int(net.network_address) + 2, int(net.broadcast_address) - 1, str(net.netmask),
-                   str(provider.server_address))
+                   str(vpn.server_address))
 
 
 # Cached: every enrollment asks, and asking the kernel is a process of its own.
@@ -1040,15 +1114,15 @@ def bridge_interface(bridge):
     return ipaddress.IPv4Interface(fields[fields.index("inet") + 1])
 
 
-def allocate_address(provider, seg, taken, start=0):
-    """The first free address of the provider's segment from address number
-    start on, else the lowest free one; taken(address) says if one is in use."""
+def allocate_address(seg, taken, start=0):
+    """The first free address of a segment from address number start on,
+    else the lowest free one, else None; taken(address) says if one is in use."""
     start = min(max(start, seg.first), seg.last)
     for number in itertools.chain(range(start, seg.last + 1), range(seg.first, start)):
         address = str(ipaddress.IPv4Address(number))
         if not taken(address):
             return address
-    raise RequestError(503, f"provider {provider.name}: no free address left in {seg.describe()}")
+    return None
 
 
 def host_name(provider, seq):
@@ -1485,36 +1559,41 @@ VPN_SOCKET_BUFFER = 1 << 20     # bytes, each way, at both ends: tunnel_tuning
 VPN_TXQUEUELEN = 1000           # packets in the tun device's queue
 SOCKET_LIMITS = ("net/core/rmem_max", "net/core/wmem_max")
 
-def openvpn_server_config(config, provider):
-    """The provider's OpenVPN server: static addresses only, split tunnel.
+def openvpn_server_config(config, vpn):
+    """One of the provider's OpenVPN servers: static addresses only, split tunnel.
 
     No address pool: every host gets its static address from its ccd entry,
-    and ccd-exclusive refuses certificates that have none.
+    and ccd-exclusive refuses certificates that have none (a host of another
+    of the provider's servers has its entry there, not here).
     """
+    provider = vpn.provider
     lines = [
-        f"# {provider.name}: generated by dynfarm from {config.path}; edits are overwritten",
+        f"# {vpn.name}: generated by dynfarm from {config.path}; edits are overwritten",
         "mode server",
         "tls-server",
         f"proto {provider.vpn_proto}4" + ("-server" if provider.vpn_proto == "tcp" else ""),
-        f"port {provider.vpn_port}",
-        f"dev {provider.interface}",
+        f"port {vpn.port}",
+        f"dev {vpn.interface}",
     ]
     if config.mode == "bridged":
         # The tap is made and bridged by 'links up' (persistent, so it stays
         # in the bridge when OpenVPN restarts); VMs are on the LAN itself.
-        lines += ["dev-type tap", f'push "route-gateway {segment(config, provider).server}"']
+        lines += ["dev-type tap", f'push "route-gateway {segment(config, vpn).server}"']
     else:
         lines += [
             "dev-type tun",
             "topology subnet",
-            f"ifconfig {provider.server_address} {provider.vpn_subnet.netmask}",
+            f"ifconfig {vpn.server_address} {vpn.subnet.netmask}",
             'push "topology subnet"',
-            f'push "route-gateway {provider.server_address}"',
+            f'push "route-gateway {vpn.server_address}"',
         ]
-        # Split tunnel: only the linked site hosts are routed through the VPN.
+        # Split tunnel: only the linked site hosts are routed through the VPN,
+        # and the provider's other slices (its VMs on its other servers).
         lines += [f'push "route {link.address} 255.255.255.255"' for link in config.links.values()]
+        if provider.instances > 1 and provider.vm_to_vm:
+            lines.append(f'push "route {provider.vpn_subnet.network_address} {provider.vpn_subnet.netmask}"')
     lines += [
-        f"client-config-dir {config.state.ccd_dir(provider.name)}",
+        f"client-config-dir {config.state.ccd_dir(vpn.name)}",
         "ccd-exclusive",
         f"ca {config.state.ca_cert}",
         f"cert {config.state.server_cert}",
@@ -1533,9 +1612,9 @@ def openvpn_server_config(config, provider):
     ] if provider.vpn_proto == "udp" else []) + [
         "persist-key",
         "persist-tun",
-        f"status {config.state.vpn_status(provider.name)} 5",
+        f"status {config.state.vpn_status(vpn.name)} 5",
         "status-version 2",
-        f"management {config.state.management_socket(provider.name)} unix",
+        f"management {config.state.management_socket(vpn.name)} unix",
         "verb 3",
     ]
     return "\n".join(lines) + "\n"
@@ -1556,15 +1635,16 @@ def tunnel_tuning(provider):
     return lines + (["fast-io"] if provider.vpn_proto == "udp" else [])
 
 
-def openvpn_client_config(config, provider, certificate):
-    """What the VM runs; the client adds its own 'key' line (the key never travels)."""
+def openvpn_client_config(config, vpn, certificate):
+    """What the VM runs, to its server; the client adds its own 'key' line (the key never travels)."""
+    provider = vpn.provider
     ca = read_text(config.state.ca_cert).strip()
     tls_crypt = read_text(config.state.tls_crypt_key(provider.name)).strip()
     return "\n".join([
         "client",
         "dev tap" if config.mode == "bridged" else "dev tun",
         f"proto {provider.vpn_proto}4",
-        f"remote {config.public_address} {provider.vpn_port}",
+        f"remote {config.public_address} {vpn.port}",
         "nobind",
         "remote-cert-tls server",
         f"verify-x509-name {SERVER_CN} name",
@@ -1595,8 +1675,9 @@ def write_ccd(config, provider, name, address):
     meanwhile is mended by reconcile_state). A changed entry is replaced
     atomically; an unchanged one (every reboot) is left be. True if written.
     """
-    path = config.state.ccd_entry(provider.name, name)
-    entry = f"ifconfig-push {address} {segment(config, provider).netmask}\n"
+    vpn = provider.vpn_of(address)
+    path = config.state.ccd_entry(vpn.name, name)
+    entry = f"ifconfig-push {address} {segment(config, vpn).netmask}\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -1618,18 +1699,18 @@ def reconcile_state(config, store):
     host that is not (a crash between writing it and the host's row), no
     temp file of write_file's. Returns one line per kind of fix, for the log."""
     fixed = collections.defaultdict(list)
-    hosts = store.hosts()
-    live = {(h["provider"], h["name"]) for h in hosts if h["revoked_at"] is None}
+    live = {(config.providers[h["provider"]].vpn_of(h["address"]).name, h["name"]): h for h in store.hosts()
+            if h["revoked_at"] is None and h["provider"] in config.providers}
     for provider in config.providers.values():
-        directory = config.state.ccd_dir(provider.name)
-        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-            if not name.startswith(".dynfarm-") and (provider.name, name) not in live:
-                remove_ccd(config, provider.name, name)
-                fixed["removed the client-config entries of hosts not enrolled"].append(name)
-        for host in hosts:
-            if host["provider"] == provider.name and (provider.name, host["name"]) in live:
-                if write_ccd(config, provider, host["name"], host["address"]):
-                    fixed["wrote missing or partial client-config entries"].append(host["name"])
+        for vpn in provider.vpns:
+            directory = config.state.ccd_dir(vpn.name)
+            for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+                if not name.startswith(".dynfarm-") and (vpn.name, name) not in live:
+                    os.unlink(os.path.join(directory, name))
+                    fixed["removed the client-config entries of hosts not enrolled"].append(name)
+    for host in live.values():
+        if write_ccd(config, config.providers[host["provider"]], host["name"], host["address"]):
+            fixed["wrote missing or partial client-config entries"].append(host["name"])
     for root, _, names in os.walk(config.state.root):
         for name in names:
             if name.startswith(".dynfarm-"):
@@ -1638,17 +1719,19 @@ def reconcile_state(config, store):
     return [f"{what}: {', '.join(items)}" for what, items in fixed.items()]
 
 
-def remove_ccd(config, provider_name, name):
-    try:
-        os.unlink(config.state.ccd_entry(provider_name, name))
-    except FileNotFoundError:
-        pass
+def remove_ccd(config, provider, name):
+    """The host's client-config entry gone, whichever of the provider's servers has it."""
+    for vpn in provider.vpns:
+        try:
+            os.unlink(config.state.ccd_entry(vpn.name, name))
+        except FileNotFoundError:
+            pass
 
 
-def write_server_config(config, provider):
-    """Regenerate the provider's OpenVPN server configuration if it is missing or stale."""
-    path = config.state.vpn_config(provider.name)
-    text = openvpn_server_config(config, provider)
+def write_server_config(config, vpn):
+    """Regenerate an OpenVPN server's configuration if it is missing or stale."""
+    path = config.state.vpn_config(vpn.name)
+    text = openvpn_server_config(config, vpn)
     try:
         if read_text(path) == text:
             return []
@@ -1656,19 +1739,20 @@ def write_server_config(config, provider):
     except FileNotFoundError:
         what = "added"
     write_file(path, text, 0o600)
-    return [f"OpenVPN server configuration for {provider.name} ({what}: {config.state.relative(path)})"]
+    return [f"OpenVPN server configuration for {vpn.name} ({what}: {config.state.relative(path)})"]
 
 
-def exec_vpn_server(config, provider):
-    """Become the provider's OpenVPN server (its configuration brought up to date first)."""
-    if not os.path.exists(config.state.tls_crypt_key(provider.name)):
-        raise UsageError(f"no VPN state for {provider.name}; run 'dynfarm.py -c {config.path} init' first")
-    if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{provider.interface}"):
-        raise UsageError(f"bridged mode: no tap {provider.interface} yet; run 'dynfarm.py links up' first")
-    write_server_config(config, provider)
+def exec_vpn_server(config, vpn):
+    """Become one of a provider's OpenVPN servers (its configuration brought up to date first)."""
+    if not os.path.exists(config.state.tls_crypt_key(vpn.provider.name)):
+        raise UsageError(f"no VPN state for {vpn.provider.name}; run 'dynfarm.py -c {config.path} init' first")
+    if config.mode == "bridged" and not os.path.exists(f"/sys/class/net/{vpn.interface}"):
+        raise UsageError(f"bridged mode: no tap {vpn.interface} yet; run 'dynfarm.py links up' first")
+    os.makedirs(config.state.ccd_dir(vpn.name), mode=0o755, exist_ok=True)
+    write_server_config(config, vpn)
     # The CRL has a next update; written anew at each start, it cannot lapse under a running site.
     PKI(config.state).write_crl(open_store(config))
-    argv = ["openvpn", "--config", config.state.vpn_config(provider.name)]
+    argv = ["openvpn", "--config", config.state.vpn_config(vpn.name)]
     if ECHO_COMMANDS:
         log("[#] " + " ".join(shlex.quote(a) for a in argv))
     sys.stdout.flush()
@@ -1678,9 +1762,9 @@ def exec_vpn_server(config, provider):
         raise Fatal("openvpn: command not found; install the openvpn package")
 
 
-def management_command(config, provider_name, command, timeout=2.0):
+def management_command(config, vpn_name, command, timeout=2.0):
     """Send one command to a running OpenVPN server; its answer, or None if none runs."""
-    path = config.state.management_socket(provider_name)
+    path = config.state.management_socket(vpn_name)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -1701,9 +1785,9 @@ def management_command(config, provider_name, command, timeout=2.0):
         return None
 
 
-def connected_clients(config, provider_name):
+def connected_clients(config, vpn_name):
     """{common name: real address} from the live server, or None if it is not running."""
-    lines = management_command(config, provider_name, "status 2")
+    lines = management_command(config, vpn_name, "status 2")
     if lines is None:
         return None
     clients = {}
@@ -1807,8 +1891,8 @@ def forwarding_steps(config, routes):
     by the interface they live behind.
     """
     plan = [sysctl_step("net/ipv4/conf/default/forwarding", 1)]
-    plan += [sysctl_step(f"net/ipv4/conf/{provider.interface}/forwarding", 1, may_be_absent=True)
-             for provider in config.providers.values()]
+    plan += [sysctl_step(f"net/ipv4/conf/{vpn.interface}/forwarding", 1, may_be_absent=True)
+             for provider in config.providers.values() for vpn in provider.vpns]
     if config.mode == "routed":
         plan += [sysctl_step(f"net/ipv4/conf/{lan}/forwarding", 1) for lan in link_interfaces(routes)]
     return plan
@@ -1827,7 +1911,7 @@ def bridge_steps(config):
     """
     plan = []
     for provider in config.providers.values():
-        tap = provider.interface
+        tap = provider.vpns[0].interface
         plan += [step(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], ["ip", "link", "del", tap]),
                  step(["ip", "link", "set", tap, "master", config.bridge]),
                  step(["ip", "link", "set", tap, "up"])]
@@ -1861,12 +1945,13 @@ def policy_routing_steps(config):
     plan.append(step(["ip", "route", "add", "unreachable", "default", "table", table],
                      ["ip", "route", "del", "unreachable", "default", "table", table]))
     for provider in config.providers.values():
-        if provider.vm_to_vm:
-            rule = ["iif", provider.interface, "to", str(provider.vpn_subnet), "lookup", "main",
-                    "pref", str(LINK_TABLE - 1)]
+        for vpn in provider.vpns:
+            if provider.vm_to_vm:       # the provider's whole subnet: its VMs on all its servers
+                rule = ["iif", vpn.interface, "to", str(provider.vpn_subnet), "lookup", "main",
+                        "pref", str(LINK_TABLE - 1)]
+                plan.append(step(["ip", "rule", "add"] + rule, ["ip", "rule", "del"] + rule))
+            rule = ["iif", vpn.interface, "lookup", table, "pref", table]
             plan.append(step(["ip", "rule", "add"] + rule, ["ip", "rule", "del"] + rule))
-        rule = ["iif", provider.interface, "lookup", table, "pref", table]
-        plan.append(step(["ip", "rule", "add"] + rule, ["ip", "rule", "del"] + rule))
     return plan
 
 
@@ -1897,7 +1982,8 @@ def firewall_steps(config, routes):
                   for lan in link_interfaces(routes)]
     for provider in config.providers.values():
         if provider.vm_to_vm:
-            rules.append(["-i", provider.interface, "-o", provider.interface, "-j", "ACCEPT"])
+            rules += [["-i", a.interface, "-o", b.interface, "-j", "ACCEPT"]
+                      for a in provider.vpns for b in provider.vpns]
     rules += [["-i", vpn, "-j", "DROP"], ["-o", vpn, "-j", "DROP"]]
     plan = chain_steps("filter", FORWARD_CHAIN, rules)
     # The VPN server is a site host too: from the VMs it answers only the
@@ -2107,17 +2193,17 @@ def links_status(config):
     for line, warn in pki_dates(config):
         print(("WARNING: " if warn else "") + line)
         near = near or warn
-    for provider in config.providers.values():
-        where = data_channel(provider.interface)
-        print(f"vpn {provider.name}: " + (f"{provider.interface}, data channel {where}" if where else "not running"))
+    for vpn in (vpn for provider in config.providers.values() for vpn in provider.vpns):
+        where = data_channel(vpn.interface)
+        print(f"vpn {vpn.name}: " + (f"{vpn.interface}, data channel {where}" if where else "not running"))
     up = read_record(config.state.links_record) is not None
     print(f"mode {config.mode}; links {'up' if up else 'down'}")
     if config.mode == "bridged":
         for provider in config.providers.values():
-            tap = provider.interface
-            bridged = os.path.exists(f"/sys/class/net/{tap}/brport")
-            print(f"  {tap}: " + ("in bridge " + config.bridge if bridged else "not bridged")
-                  + f", pool {segment(config, provider).describe()}")
+            vpn = provider.vpns[0]
+            bridged = os.path.exists(f"/sys/class/net/{vpn.interface}/brport")
+            print(f"  {vpn.interface}: " + ("in bridge " + config.bridge if bridged else "not bridged")
+                  + f", pool {segment(config, vpn).describe()}")
         return 0
     if config.mode == "routed":
         subnets = ", ".join(str(p.vpn_subnet) for p in config.providers.values())
@@ -2226,13 +2312,14 @@ def init_site(config):
         added.append(f"site database ({config.state.relative(config.state.database)})")
     store.close()
     for provider in config.providers.values():
-        os.makedirs(config.state.ccd_dir(provider.name), mode=0o755, exist_ok=True)
         key = config.state.tls_crypt_key(provider.name)
         if not os.path.exists(key):
             run(["openvpn", "--genkey", "secret", key])
             os.chmod(key, 0o600)
             added.append(f"tls-crypt key for {provider.name}")
-        added += write_server_config(config, provider)
+        for vpn in provider.vpns:
+            os.makedirs(config.state.ccd_dir(vpn.name), mode=0o755, exist_ok=True)
+            added += write_server_config(config, vpn)
     return added
 
 
@@ -2251,6 +2338,7 @@ def site_identity(config):
         "enrollment_port": config.listen_port,
         "mode": config.mode,
         "providers": {p.name: {"vpn_port": p.vpn_port, "vpn_proto": p.vpn_proto, "vpn_subnet": str(p.vpn_subnet),
+                               "vpn_instances": p.instances,
                                "bridge_pool": [str(ipaddress.IPv4Address(a)) for a in p.bridge_pool or ()]}
                       for p in config.providers.values()},
     }
@@ -2451,7 +2539,7 @@ def systemd_units(config):
             f"ExecStop={command} links down\n{hardening}\n"
             "[Install]\nWantedBy=multi-user.target\n"),
         "dynfarm-vpn@.service": (
-            "[Unit]\nDescription=dynfarm: the OpenVPN server of provider %i\n"
+            "[Unit]\nDescription=dynfarm: the OpenVPN server %i\n"
             "After=network-online.target dynfarm-links.service\nWants=network-online.target dynfarm-links.service\n\n"
             f"[Service]\nExecStart={command} vpn %i\nRestart=on-failure\nRestartSec=2\n"
             f"ProtectSystem=full\nReadWritePaths={state}\n{hardening}\n"
@@ -2472,7 +2560,7 @@ def install_units(config, directory):
     units = systemd_units(config)
     for name, text in units.items():
         write_file(os.path.join(directory, name), text, 0o644)
-    vpns = " ".join(f"dynfarm-vpn@{p}.service" for p in config.providers)
+    vpns = " ".join(f"dynfarm-vpn@{v.name}.service" for p in config.providers.values() for v in p.vpns)
     return [f"installed {len(units)} units in {directory}; start them with:",
             "  systemctl daemon-reload",
             f"  systemctl enable --now dynfarm-links.service {vpns} dynfarm-server.service"]
@@ -2497,9 +2585,12 @@ def revoke(config, store, host):
         # Gone since the read? (retired meanwhile)
         if not store.revoke(host["name"], host["pubkey_sha256"]):
             raise UsageError(f"no host named {host['name']} (see 'remote_control list')")
-    remove_ccd(config, host["provider"], host["name"])
+    provider = config.providers.get(host["provider"])
+    if provider is not None:
+        remove_ccd(config, provider, host["name"])
     PKI(config.state).write_crl(store)
-    kicked = management_command(config, host["provider"], f"kill {host['name']}")
+    vpn = provider.vpn_of(host["address"]).name if provider else host["provider"]
+    kicked = management_command(config, vpn, f"kill {host['name']}")
     ended = kicked and any(line.startswith("SUCCESS") for line in kicked)
     return f"revoked {host['name']}" + ("; its VPN session was ended" if ended else "")
 
@@ -2802,7 +2893,7 @@ class App:
         self.sources = SourceCache()
         self.source = read_own_source()
         self.version = hashlib.sha256(self.source).hexdigest()
-        self.free_from = {}    # provider -> lowest address number that may be free
+        self.free_from = {}    # OpenVPN server name -> lowest address number that may be free
         self.holds = Holds()
         self.nonces = Nonces()
         self.guesses = Guesses()
@@ -2903,9 +2994,8 @@ class App:
                 raise RequestError(401, "invalid enrollment token")
         finally:
             if not written:
-                remove_ccd(self.config, held.provider.name, held.name)
-                number = int(ipaddress.IPv4Address(held.address))
-                self.free_from[held.provider.name] = min(self.free_from.get(held.provider.name, number), number)
+                remove_ccd(self.config, held.provider, held.name)
+                self.address_freed(held.provider.vpn_of(held.address), held.address)
             self.holds.let_go(held, pubkey, written)
         log(f"{request.peer_ip}: enrolled {held.name} at {held.address}")
         self.record_event("enrolled", held.provider.name, held.name, request.peer_ip, f"address {held.address}")
@@ -2955,7 +3045,7 @@ class App:
         if row is None or ours:
             # The retire (or revoke) removed the ccd entry, maybe before our
             # write; a name given to another machine since has its entry now.
-            remove_ccd(self.config, held.provider.name, held.name)
+            remove_ccd(self.config, held.provider, held.name)
         if ours:
             return RequestError(403, f"host {held.name} is revoked")
         return RequestError(409, f"host {held.name} was retired while this request was signed")
@@ -3039,7 +3129,9 @@ class App:
         return host
 
     def free_host(self, provider):
-        """(number, address) for a new host: free in the database and not held."""
+        """(number, address) for a new host: free in the database and not held.
+        The provider's servers take new hosts in turn, by number (the next
+        one if that one is full)."""
         seq = self.store.next_seq(provider.name)
         while host_name(provider.name, seq) in self.holds.names:
             seq = self.store.next_seq(provider.name, above=seq)
@@ -3047,18 +3139,29 @@ class App:
         # and 'retire' in another process frees them), so the search starts
         # there: one lookup per enrollment, not a scan.
         for rowid, provider_name, freed in self.store.retired_after(self.retired_seen):
-            number = int(ipaddress.IPv4Address(freed))
-            self.free_from[provider_name] = min(self.free_from.get(provider_name, number), number)
+            if provider_name in self.config.providers:
+                self.address_freed(self.config.providers[provider_name].vpn_of(freed), freed)
             self.retired_seen = rowid
-        address = allocate_address(provider, segment(self.config, provider),
-                                   lambda a: a in self.holds.addresses or self.store.address_taken(a),
-                                   self.free_from.get(provider.name, 0))
-        self.free_from[provider.name] = int(ipaddress.IPv4Address(address)) + 1
-        return seq, address
+        vpns = provider.vpns
+        turn = (seq - 1) % len(vpns)
+        for vpn in vpns[turn:] + vpns[:turn]:
+            address = allocate_address(segment(self.config, vpn),
+                                       lambda a: a in self.holds.addresses or self.store.address_taken(a),
+                                       self.free_from.get(vpn.name, 0))
+            if address is not None:
+                self.free_from[vpn.name] = int(ipaddress.IPv4Address(address)) + 1
+                return seq, address
+        ranges = ", ".join(segment(self.config, vpn).describe() for vpn in vpns)
+        raise RequestError(503, f"provider {provider.name}: no free address left in {ranges}")
+
+    def address_freed(self, vpn, address):
+        number = int(ipaddress.IPv4Address(address))
+        self.free_from[vpn.name] = min(self.free_from.get(vpn.name, number), number)
 
     def enrollment_answer(self, held, certificate):
         provider = held.provider
-        seg = segment(self.config, provider)
+        vpn = provider.vpn_of(held.address)
+        seg = segment(self.config, vpn)
         return {
             "status": "enrolled",
             "name": held.name,
@@ -3069,7 +3172,7 @@ class App:
             "probe_port": self.config.listen_port,
             "links": {link.name: str(link.address) for link in self.config.links.values()},
             "certificate": certificate,
-            "openvpn_config": openvpn_client_config(self.config, provider, certificate),
+            "openvpn_config": openvpn_client_config(self.config, vpn, certificate),
             "customization": self.customization(provider),
         }
 
@@ -4381,10 +4484,11 @@ def gather_outputs(outputs):
 
 def host_rows(config, store, providers):
     """Hosts joined with their provider's live OpenVPN status; then the retired."""
-    live = {p: connected_clients(config, p) for p in config.providers}
+    live = {v.name: connected_clients(config, v.name) for p in config.providers.values() for v in p.vpns}
     rows = []
     for host in store.hosts(providers):
-        clients = live.get(host["provider"])
+        provider = config.providers.get(host["provider"])
+        clients = live.get(provider.vpn_of(host["address"]).name) if provider else None
         if host["revoked_at"] is not None:
             state = "revoked"
         elif clients is None:
@@ -4822,7 +4926,7 @@ def cmd_server(args, config):
 
 
 def cmd_vpn(args, config):
-    exec_vpn_server(config, config.provider(args.provider))
+    exec_vpn_server(config, config.vpn(args.name))
 
 
 def cmd_token(args, config):
@@ -5023,8 +5127,11 @@ def build_parser():
     p.set_defaults(func=cmd_restore)
     p = sub.add_parser("server", help="run the enrollment service in the foreground")
     p.set_defaults(func=cmd_server)
-    p = sub.add_parser("vpn", help="run a provider's OpenVPN server in the foreground")
-    p.add_argument("provider")
+    p = sub.add_parser("vpn", help="run one of a provider's OpenVPN servers in the foreground",
+                       description="A provider with vpn_instances = N has N servers: PROVIDER, PROVIDER-1, ... "
+                                   "PROVIDER-(N-1), each on its own port (vpn_port, vpn_port + 1, ...), tun device "
+                                   "and slice of vpn_subnet; a host stays on the one it was given.")
+    p.add_argument("name", metavar="PROVIDER[-N]", help="aruba, or aruba-1 for its second server")
     p.set_defaults(func=cmd_vpn)
     for name, helptext in (("token", "print a new enrollment token for a provider; or list or revoke tokens"),
                            ("bootstrap", "print the script (or cloud-init) that joins a fresh VM")):

@@ -15,10 +15,18 @@ retransmits counted in the sender's namespace, and the CPU the two OpenVPN
 processes spent per MB. Then the ratio of dynfarm's full path to the bare
 OpenVPN tunnel. Median of ROUNDS.
 
+Then the aggregate: two VMs streaming up to the VPN server at once, with the
+provider served by one OpenVPN server, then by two (vpn_instances = 2, one VM
+on each): MB/s together, the site's OpenVPN CPU per MB, and the share of a
+core each server process took. On this 2-core machine the VMs, their
+OpenVPN and the site share the cores, so the machine is the limit; the
+server's CPU per MB is what extrapolates to a bigger VPN server.
+
 Usage: bench/links.py [MB] [ROUNDS] (default 200 MB, 3 rounds). Needs root;
 everything stays in our namespaces.
 """
 
+import json
 import os
 import statistics
 import subprocess
@@ -137,6 +145,36 @@ def measure(farm, paths, megabytes, rounds):
     return results
 
 
+def aggregate(tmp, instances, megabytes):
+    """Two VMs streaming at once to their VPN servers; (MB/s together,
+    site CPU ms per MB, {server: share of a core})."""
+    conf = SITE_CONF.replace("vpn_subnet = 10.8.0.0/24\n", f"vpn_subnet = 10.8.0.0/24\nvpn_instances = {instances}\n"
+                             ).replace("vpn_port = 1195", "vpn_port = 1196")
+    vms = ("vm1", "vm2")
+    with running_farm(os.path.join(tmp, f"aggregate{instances}"), vms=vms, conf=conf) as farm:
+        done = farm.run_at_once(farm.dynfarm("bootstrap", "aruba", "--uses", "2").stdout, vms)
+        assert [code for code, _ in done] == [0, 0], done
+        servers = {name: proc.pid for name, proc in farm.vpn.items() if name.startswith("aruba")}
+        targets = []
+        for port, vm in enumerate(vms, 7000):
+            answer = json.loads(open(farm.world.vm_path(vm, "/var/lib/dynfarm/enrollment.json")).read())
+            targets.append((vm, answer["vpn_server"], port))
+        sinks = [subprocess.Popen(farm.world.argv("site", [VM_PYTHON, "-c", SINK, address, str(port)]),
+                                  stdout=subprocess.PIPE, text=True) for _, address, port in targets]
+        for sink in sinks:
+            assert sink.stdout.readline().strip() == "ready"
+        cpu = {name: cpu_seconds([pid]) for name, pid in servers.items()}
+        started = time.monotonic()
+        sources = [subprocess.Popen(farm.world.argv(vm, [VM_PYTHON, "-c", SOURCE, address, str(port), str(megabytes)]))
+                   for vm, address, port in targets]
+        for proc in sources + sinks:
+            proc.wait(300)
+        elapsed = time.monotonic() - started
+        spent = {name: cpu_seconds([pid]) - cpu[name] for name, pid in servers.items()}
+        received = sum(int(sink.stdout.readline().split()[0]) for sink in sinks) / (1 << 20)
+    return received / elapsed, sum(spent.values()) * 1000 / received, {n: c / elapsed for n, c in spent.items()}
+
+
 def median_of(runs):
     return tuple(statistics.median(values) for values in zip(*runs))
 
@@ -183,6 +221,13 @@ def main():
           f"down {medians[(full, 'down')][0] / medians[('bare OpenVPN', 'down')][0]:.2f} (target: at least 0.9)")
     print("  CPU: the OpenVPN process at the site (the VPN server) and at the VM, per MB carried, kernel work "
           "they trigger included; everything shares the same 2 cores")
+    with tempfile.TemporaryDirectory(prefix="dynfarm-bench-aggregate-") as tmp:
+        print(f"\ntwo VMs streaming {megabytes} MB each up to their VPN server at once:")
+        for instances in (1, 2):
+            rate, per_mb, shares = aggregate(tmp, instances, megabytes)
+            share = ", ".join(f"{name} {value:.0%}" for name, value in sorted(shares.items()))
+            print(f"  {instances} server{'s' if instances > 1 else ' '}: {rate:6.1f} MB/s together; the site's OpenVPN "
+                  f"{per_mb:.1f} ms CPU per MB; share of a core: {share}")
     return 0
 
 

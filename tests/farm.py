@@ -44,6 +44,12 @@ class Farm:
         self.vpn[provider] = self.world.spawn("site", [sys.executable, DYNFARM, "-c", self.conf, "vpn", provider],
                                               os.path.join(self.dir, f"vpn-{provider}.log"))
 
+    def start_vpns(self):
+        """Every OpenVPN server of the site: each provider's, each of its instances."""
+        for provider in dynfarm.load_config(self.conf).providers.values():
+            for vpn in provider.vpns:
+                self.start_vpn(vpn.name)
+
     def start_server(self):
         self.server = self.world.spawn("site", [sys.executable, DYNFARM, "-c", self.conf, "server"],
                                        os.path.join(self.dir, "server.log"))
@@ -131,8 +137,7 @@ def running_farm(tmp, vms=VMS, conf=SITE_CONF, hosts=()):
         farm.dynfarm("init")
         if "mode = bridged" in conf:       # the taps must be in the bridge before OpenVPN opens them
             farm.dynfarm("links", "up")
-        for provider in ("aruba", "other"):
-            farm.start_vpn(provider)
+        farm.start_vpns()
         farm.start_server()
         for vm in vms:
             world.start_sshd(vm)

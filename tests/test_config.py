@@ -64,8 +64,8 @@ def test_missing_config_file_names_it(tmp_path, capsys):
 def test_valid_config_parses(tmp_path):
     config = dynfarm.load_config(write_site(str(tmp_path)))
     aruba = config.providers["aruba"]
-    assert str(aruba.server_address) == "10.8.0.1"
-    assert aruba.interface == "df-aruba"
+    assert str(aruba.vpns[0].server_address) == "10.8.0.1"
+    assert aruba.vpns[0].interface == "df-aruba"
     assert config.links["master"].encap == "vxlan"
     assert aruba.commands == [os.path.realpath(str(tmp_path / "custom/aruba/setup.sh"))]
 
@@ -138,7 +138,7 @@ def test_init_renews_a_server_certificate_close_to_expiry(tmp_path, capsys, monk
 
 def test_openvpn_server_config_is_split_static_and_checked(site):
     config, _, _ = site
-    text = dynfarm.openvpn_server_config(config, config.providers["aruba"])
+    text = dynfarm.openvpn_server_config(config, config.vpn("aruba"))
     for line in ("topology subnet", "ccd-exclusive", "dev df-aruba", "ifconfig 10.8.0.1 255.255.255.0",
                  'push "route 10.10.0.5 255.255.255.255"', "remote-cert-tls client", "status-version 2",
                  "keepalive 10 60", "dh none", "tls-version-min 1.2"):
@@ -166,8 +166,8 @@ def test_both_ends_carry_the_tunnel_tuning_and_real_openvpn_takes_it(site, tmp_p
     provider = config.providers["aruba"]
     provider.vpn_proto = proto
     certificate = open(config.state.server_cert).read()    # any certificate: only parsing is asked
-    client = dynfarm.openvpn_client_config(config, provider, certificate) + f"key {config.state.server_key}\n"
-    for name, text in (("server", dynfarm.openvpn_server_config(config, provider)), ("client", client)):
+    client = dynfarm.openvpn_client_config(config, provider.vpns[0], certificate) + f"key {config.state.server_key}\n"
+    for name, text in (("server", dynfarm.openvpn_server_config(config, provider.vpns[0])), ("client", client)):
         lines = text.splitlines()
         for line in ("sndbuf 1048576", "rcvbuf 1048576", "txqueuelen 1000"):
             assert line in lines, (name, line)
@@ -209,10 +209,10 @@ def test_the_configurations_keep_data_channel_offload_possible(site, tmp_path, p
     config, _, _ = site
     provider = config.providers["aruba"]
     provider.vpn_proto = proto
-    client = (dynfarm.openvpn_client_config(config, provider, open(config.state.server_cert).read())
+    client = (dynfarm.openvpn_client_config(config, provider.vpns[0], open(config.state.server_cert).read())
               + f"key {config.state.server_key}\n")
     missing = "Note: Kernel support for ovpn-dco missing, disabling data channel offload."
-    for name, text in (("server", dynfarm.openvpn_server_config(config, provider)), ("client", client)):
+    for name, text in (("server", dynfarm.openvpn_server_config(config, provider.vpns[0])), ("client", client)):
         assert dco_notes(text, tmp_path, f"{name}-{proto}") == [missing], name
 
 

@@ -110,6 +110,6 @@ def test_vpn_start_writes_the_crl_anew(site, monkeypatch):
     config, store, pki = site
     os.utime(config.state.crl, (0, 0))
     monkeypatch.setattr(dynfarm.os, "execvp", lambda *a: None)      # not become openvpn here
-    dynfarm.exec_vpn_server(config, config.providers["aruba"])
+    dynfarm.exec_vpn_server(config, config.vpn("aruba"))
     assert os.stat(config.state.crl).st_mtime > 1
     assert dynfarm.crl_next_update(config.state.crl) > dynfarm.time.time() + 3000 * 86400

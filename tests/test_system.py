@@ -255,8 +255,7 @@ def test_vms_reconnect_by_themselves_to_the_site_restored_from_a_backup(farm):
     os.rename(state, state + ".lost")
     started = time.monotonic()
     farm.dynfarm("restore", archive)
-    for provider in ("aruba", "other"):
-        farm.start_vpn(provider)
+    farm.start_vpns()
     farm.start_server()
     wait_for(lambda: farm.dynfarm("remote_control", "run", "--", "true", check=False).returncode == 0
              and {h["state"] for h in farm.hosts().values()} == {"connected"},
