@@ -189,8 +189,10 @@ def run(argv, input=None, check=True, timeout=120, env=None):
     return done
 
 
-def write_file(path, data, mode=0o644):
-    """Write atomically (temp file in the same directory, then rename) with mode."""
+def write_file(path, data, mode=0o644, sync=False):
+    """Write atomically (temp file in the same directory, then rename) with
+    mode; sync: on disk before the rename, and the rename too (a backup must
+    survive the crash it is for)."""
     if isinstance(data, str):
         data = data.encode()
     directory = os.path.dirname(path) or "."
@@ -200,11 +202,20 @@ def write_file(path, data, mode=0o644):
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if sync:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def read_text(path):
@@ -330,10 +341,11 @@ class StateDir:
       pki/server.crt, .key    the certificate of the enrollment and VPN servers
       pki/crl.pem             the revoked hosts (OpenVPN's crl-verify)
       pki/*.cnf, index.txt    openssl's working files
-      openvpn/P.conf          provider P's OpenVPN server configuration (init writes it)
-      openvpn/P.tlscrypt      its tls-crypt key                              0600
-      ccd/P/HOST              a host's client-config entry: its static address
-      run/P.mgmt, P.status    the running OpenVPN server's management socket and status
+      openvpn/S.conf          OpenVPN server S's configuration (init writes it); S is a
+                              provider P's first server, named P, or its next ones, P-1, ...
+      openvpn/P.tlscrypt      provider P's tls-crypt key (all its servers')   0600
+      ccd/S/HOST              a host's client-config entry at its server: its static address
+      run/S.mgmt, S.status    the running OpenVPN server's management socket and status
       run/links.json          what 'links up' did, each step with its undo
       run/known_hosts.*       one per remote_control run, while it runs
     """
@@ -362,23 +374,23 @@ class StateDir:
         """How messages name a path of the state: pki/ca.crt."""
         return os.path.relpath(path, self.root)
 
-    def vpn_config(self, provider_name):
-        return os.path.join(self.openvpn, provider_name + ".conf")
+    def vpn_config(self, vpn_name):
+        return os.path.join(self.openvpn, vpn_name + ".conf")
 
     def tls_crypt_key(self, provider_name):
         return os.path.join(self.openvpn, provider_name + ".tlscrypt")
 
-    def ccd_dir(self, provider_name):
-        return os.path.join(self.ccd, provider_name)
+    def ccd_dir(self, vpn_name):
+        return os.path.join(self.ccd, vpn_name)
 
-    def ccd_entry(self, provider_name, host_name):
-        return os.path.join(self.ccd, provider_name, host_name)
+    def ccd_entry(self, vpn_name, host_name):
+        return os.path.join(self.ccd, vpn_name, host_name)
 
-    def management_socket(self, provider_name):
-        return os.path.join(self.run, provider_name + ".mgmt")
+    def management_socket(self, vpn_name):
+        return os.path.join(self.run, vpn_name + ".mgmt")
 
-    def vpn_status(self, provider_name):
-        return os.path.join(self.run, provider_name + ".status")
+    def vpn_status(self, vpn_name):
+        return os.path.join(self.run, vpn_name + ".status")
 
 
 @dataclasses.dataclass
@@ -403,13 +415,17 @@ class Config:
             raise UsageError(f"{self.path}: no provider '{name}' (configured: {known})")
         return self.providers[name]
 
+    @property
+    def vpns(self):
+        """Every provider's every OpenVPN server."""
+        return [vpn for provider in self.providers.values() for vpn in provider.vpns]
+
     def vpn(self, name):
         """A provider's OpenVPN server by its name: aruba, aruba-1, ..."""
-        for provider in self.providers.values():
-            for vpn in provider.vpns:
-                if vpn.name == name:
-                    return vpn
-        known = ", ".join(v.name for p in self.providers.values() for v in p.vpns) or "none"
+        for vpn in self.vpns:
+            if vpn.name == name:
+                return vpn
+        known = ", ".join(v.name for v in self.vpns) or "none"
         raise UsageError(f"{self.path}: no VPN server '{name}' (configured: {known})")
 
 
@@ -1693,6 +1709,26 @@ def write_ccd(config, provider, name, address):
     return True
 
 
+def check_slices(config, store):
+    """Refuse to serve hosts whose address no server of their provider gives
+    out: vpn_instances changed after they enrolled (auto: the cores did),
+    and a host's address may now be a server's own."""
+    if config.mode == "bridged":
+        return
+    astray = []
+    for host in store.hosts():
+        provider = config.providers.get(host["provider"])
+        if provider is None or host["revoked_at"] is not None:
+            continue
+        seg = segment(config, provider.vpn_of(host["address"]))
+        if not seg.first <= int(ipaddress.IPv4Address(host["address"])) <= seg.last:
+            astray.append(f"{host['name']} ({host['address']})")
+    if astray:
+        raise UsageError(f"{len(astray)} enrolled host(s) outside the address ranges of their provider's servers: "
+                         f"{', '.join(astray[:5])}{', ...' if len(astray) > 5 else ''}; vpn_instances changed "
+                         "after they enrolled: set it back, or retire them")
+
+
 def reconcile_state(config, store):
     """Make the state directory agree with the database, as a crash may have
     left it: every enrolled host's client-config entry whole, no entry of a
@@ -1701,13 +1737,13 @@ def reconcile_state(config, store):
     fixed = collections.defaultdict(list)
     live = {(config.providers[h["provider"]].vpn_of(h["address"]).name, h["name"]): h for h in store.hosts()
             if h["revoked_at"] is None and h["provider"] in config.providers}
-    for provider in config.providers.values():
-        for vpn in provider.vpns:
-            directory = config.state.ccd_dir(vpn.name)
-            for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-                if not name.startswith(".dynfarm-") and (vpn.name, name) not in live:
-                    os.unlink(os.path.join(directory, name))
-                    fixed["removed the client-config entries of hosts not enrolled"].append(name)
+    for vpn in config.vpns:
+        directory = config.state.ccd_dir(vpn.name)
+        os.makedirs(directory, mode=0o755, exist_ok=True)    # a server added since init
+        for name in sorted(os.listdir(directory)):
+            if not name.startswith(".dynfarm-") and (vpn.name, name) not in live:
+                os.unlink(os.path.join(directory, name))
+                fixed["removed the client-config entries of hosts not enrolled"].append(name)
     for host in live.values():
         if write_ccd(config, config.providers[host["provider"]], host["name"], host["address"]):
             fixed["wrote missing or partial client-config entries"].append(host["name"])
@@ -1853,8 +1889,8 @@ def sysctl_step(key, value, may_be_absent=False):
 
 
 def links_plan(config, routes):
-    """Every action 'links up' takes, as data; routes maps link name -> (our
-    address toward that host, the interface the way leaves by): link_routes()."""
+    """Every action 'links up' takes, as data; routes maps link name -> Route
+    (our address toward that host, the interface the way leaves by, its MTU): link_routes()."""
     if config.mode == "bridged":
         return bridge_steps(config) + socket_buffer_steps()
     plan = forwarding_steps(config, routes)
@@ -1866,15 +1902,15 @@ def links_plan(config, routes):
 
 def socket_buffer_steps():
     """The kernel's caps on socket buffers, raised to what OpenVPN asks for
-    (tunnel_tuning), never lowered; the undo puts back the value they had.
-    Neither touches a cap that is already right, nor one this network
-    namespace may read but not write (the host's then applies)."""
+    (tunnel_tuning), never lowered; the undo puts back the value they had
+    if they still have ours. Neither touches a cap that is already right, nor
+    one this network namespace may read but not write (the host's applies)."""
     plan = []
     for key in SOCKET_LIMITS:
         path = "/proc/sys/" + key
         unless = f'[ ! -w {path} ] || [ "$(cat {path})"'
         plan.append(step(["sh", "-c", f"{unless} -ge {VPN_SOCKET_BUFFER} ] || sysctl -qw {key}={VPN_SOCKET_BUFFER}"],
-                         ["sh", "-c", f'{unless} = "{{previous}}" ] || sysctl -qw {key}={{previous}}'], path))
+                         ["sh", "-c", f"{unless} != {VPN_SOCKET_BUFFER} ] || sysctl -qw {key}={{previous}}"], path))
     return plan
 
 
@@ -1892,7 +1928,7 @@ def forwarding_steps(config, routes):
     """
     plan = [sysctl_step("net/ipv4/conf/default/forwarding", 1)]
     plan += [sysctl_step(f"net/ipv4/conf/{vpn.interface}/forwarding", 1, may_be_absent=True)
-             for provider in config.providers.values() for vpn in provider.vpns]
+             for vpn in config.vpns]
     if config.mode == "routed":
         plan += [sysctl_step(f"net/ipv4/conf/{lan}/forwarding", 1) for lan in link_interfaces(routes)]
     return plan
@@ -1982,8 +2018,9 @@ def firewall_steps(config, routes):
                   for lan in link_interfaces(routes)]
     for provider in config.providers.values():
         if provider.vm_to_vm:
-            rules += [["-i", a.interface, "-o", b.interface, "-j", "ACCEPT"]
-                      for a in provider.vpns for b in provider.vpns]
+            # to the provider's subnet: routed only to its own servers' devices
+            rules += [["-i", vpn.interface, "-o", "df-+", "-d", str(provider.vpn_subnet), "-j", "ACCEPT"]
+                      for vpn in provider.vpns]
     rules += [["-i", vpn, "-j", "DROP"], ["-o", vpn, "-j", "DROP"]]
     plan = chain_steps("filter", FORWARD_CHAIN, rules)
     # The VPN server is a site host too: from the VMs it answers only the
@@ -2108,6 +2145,7 @@ def peer_script(config, link, route, down=False):
         lines += [
             # The smaller of both ways' MTUs, less the encapsulation (our end knows only its own way).
             f"    dev=$(ip -o route get {outer} | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')",
+            f'    [ -n "$dev" ] || {{ echo "no route to the VPN server {outer}" >&2; exit 1; }}',
             f"    mtu=$(( $(cat /sys/class/net/$dev/mtu) - {overhead} ))",
             f"    if [ \"$mtu\" -gt {route.mtu - overhead} ]; then mtu={route.mtu - overhead}; fi",
             f"    ip link show {PEER_DEVICE} >/dev/null 2>&1 || {create}",
@@ -2193,7 +2231,7 @@ def links_status(config):
     for line, warn in pki_dates(config):
         print(("WARNING: " if warn else "") + line)
         near = near or warn
-    for vpn in (vpn for provider in config.providers.values() for vpn in provider.vpns):
+    for vpn in config.vpns:
         where = data_channel(vpn.interface)
         print(f"vpn {vpn.name}: " + (f"{vpn.interface}, data channel {where}" if where else "not running"))
     up = read_record(config.state.links_record) is not None
@@ -2232,7 +2270,7 @@ def data_channel(interface):
     """Where a VPN server's data channel runs, told by its device's kind:
     OpenVPN makes an ovpn-dco (2.6) or ovpn (2.7) device when the kernel
     offloads it (DCO), a tun (or bridged mode's tap) otherwise; None if the
-    device is not there (its server is not running)."""
+    device is not there (its server is not running; bridged mode's tap stays)."""
     out = run(["ip", "-d", "-o", "link", "show", "dev", interface], check=False)
     if out.returncode != 0:
         return None
@@ -2252,7 +2290,7 @@ def pki_dates(config, now=None):
              ("server certificate expires", cert_expires(read_text(config.state.server_cert)),
               "run 'dynfarm.py init', which renews it"),
              ("revocation list (CRL) must be renewed by", crl_next_update(config.state.crl),
-              "restart 'dynfarm.py vpn' for each provider, or revoke a host: either writes it anew")]
+              "restart each 'dynfarm.py vpn' server, or revoke a host: either writes it anew")]
     lines = []
     for what, when, fix in dates:
         left = when - now
@@ -2376,14 +2414,22 @@ def backup_site(config, path):
         snapshot.close()
     names = backup_names(config)
     for name in names.keys() - files.keys():
-        files[name] = read_bytes(config.path if name == "site.conf" else os.path.join(state.root, name))
+        source = config.path if name == "site.conf" else os.path.join(state.root, name)
+        try:
+            files[name] = read_bytes(source)
+        except OSError as e:
+            raise UsageError(f"backup: cannot read {source}: {e.strerror}"
+                             + ("; run 'dynfarm.py init' first" if e.errno == errno.ENOENT else ""))
     for cert, key in ((state.ca_cert, state.ca_key), (state.server_cert, state.server_key)):
         check_key_pair(files[state.relative(cert)], files[state.relative(key)], state.relative(cert))
     taken = time.time()
     manifest = {"format": BACKUP_FORMAT, "taken_at": taken, "hosts": hosts, "site": site_identity(config),
                 "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}}
     files[BACKUP_MANIFEST] = json.dumps(manifest, indent=1).encode()
-    write_durably(path, tar_gz(files, taken), 0o600)
+    try:
+        write_file(path, tar_gz(files, taken), 0o600, sync=True)
+    except OSError as e:
+        raise UsageError(f"backup: cannot write {path}: {e.strerror}")
     events.record("backup", detail=f"to {os.path.abspath(path)}, {hosts} host(s)")
     return (f"wrote {path}: {hosts} host(s), taken {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(taken))}; "
             "it holds the site CA's key: keep it as secret as the state directory")
@@ -2419,28 +2465,6 @@ def tar_gz(files, mtime):
     return buf.getvalue()
 
 
-def write_durably(path, data, mode):
-    """write_file, synced before the rename: a backup must survive the crash it is for."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dynfarm-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def restore_site(config, path):
     """Make a fresh state directory the site of a backup archive; lines saying what was done."""
     manifest, files = read_backup(path, config)
@@ -2453,6 +2477,7 @@ def restore_site(config, path):
         raise UsageError(f"{path} is of a site its VMs know otherwise than {config.path} says: "
                          + "; ".join(differences) + ". Make site.conf agree (the backup's own: "
                          f"tar -xzOf {path} site.conf)")
+    run(["openvpn", "--version"], check=False)   # init_site needs it: fail before a half restore
     for directory in (state.root, state.pki, state.openvpn):
         os.makedirs(directory, mode=0o700, exist_ok=True)
     names = backup_names(config)
@@ -2485,8 +2510,7 @@ def read_backup(path, config):
         manifest = json.loads(files.pop(BACKUP_MANIFEST))
     except (OSError, EOFError, tarfile.TarError, zlib.error, KeyError, ValueError) as e:
         raise UsageError(f"{path}: not a readable dynfarm backup ({e})")
-    shape = {"format": int, "taken_at": (int, float), "hosts": int, "site": dict, "files": dict}
-    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in shape.items()):
+    if not manifest_shaped(manifest):
         raise UsageError(f"{path}: its manifest ({BACKUP_MANIFEST}) is not a dynfarm backup's")
     if manifest["format"] != BACKUP_FORMAT:
         raise UsageError(f"{path}: a backup of format {manifest['format']}; this dynfarm.py reads format "
@@ -2497,6 +2521,18 @@ def read_backup(path, config):
     if damaged:
         raise UsageError(f"{path}: damaged: {', '.join(damaged)} missing or not as it was taken")
     return manifest, files
+
+
+def manifest_shaped(manifest):
+    """Has the manifest the fields, types and ranges that restore reads?"""
+    def has(value, shape):
+        return isinstance(value, dict) and all(isinstance(value.get(k), t) for k, t in shape.items())
+    if not has(manifest, {"format": int, "taken_at": (int, float), "hosts": int, "site": dict, "files": dict}):
+        return False
+    site = manifest["site"]
+    return (0 <= manifest["taken_at"] < 1e11
+            and has(site, {"public_address": str, "enrollment_port": int, "mode": str, "providers": dict})
+            and all(isinstance(values, dict) for values in site["providers"].values()))
 
 
 def backup_member(name, expected):
@@ -2515,8 +2551,8 @@ def identity_differences(backup, here):
         if name not in here["providers"]:
             differences.append(f"provider {name} is not configured here")
             continue
-        differences += [f"provider {name}'s {key} {value} in the backup, {here['providers'][name][key]} here"
-                        for key, value in values.items() if here["providers"][name][key] != value]
+        differences += [f"provider {name}'s {key} {value} in the backup, {here['providers'][name].get(key)} here"
+                        for key, value in values.items() if here["providers"][name].get(key) != value]
     return differences
 
 
@@ -2524,7 +2560,7 @@ def identity_differences(backup, here):
 def systemd_units(config):
     """{file name: text}: the site as systemd services. The links come up
     first (bridged mode needs its taps before OpenVPN opens them) and go down
-    at stop; one OpenVPN server per provider from a template; the enrollment
+    at stop; each OpenVPN server (PROVIDER, PROVIDER-1, ...) from a template; the enrollment
     server. Each restarts on failure, with what hardening it tolerates: the
     state directory is all it writes."""
     command = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.realpath(__file__))} " \
@@ -2560,7 +2596,7 @@ def install_units(config, directory):
     units = systemd_units(config)
     for name, text in units.items():
         write_file(os.path.join(directory, name), text, 0o644)
-    vpns = " ".join(f"dynfarm-vpn@{v.name}.service" for p in config.providers.values() for v in p.vpns)
+    vpns = " ".join(f"dynfarm-vpn@{v.name}.service" for v in config.vpns)
     return [f"installed {len(units)} units in {directory}; start them with:",
             "  systemctl daemon-reload",
             f"  systemctl enable --now dynfarm-links.service {vpns} dynfarm-server.service"]
@@ -2589,8 +2625,8 @@ def revoke(config, store, host):
     if provider is not None:
         remove_ccd(config, provider, host["name"])
     PKI(config.state).write_crl(store)
-    vpn = provider.vpn_of(host["address"]).name if provider else host["provider"]
-    kicked = management_command(config, vpn, f"kill {host['name']}")
+    vpn = provider.vpn_of(host["address"]) if provider else None     # none runs for a provider dropped
+    kicked = vpn and management_command(config, vpn.name, f"kill {host['name']}")
     ended = kicked and any(line.startswith("SUCCESS") for line in kicked)
     return f"revoked {host['name']}" + ("; its VPN session was ended" if ended else "")
 
@@ -2706,11 +2742,12 @@ def stale_hosts(config, age):
     names, unknown, now = [], set(), time.time()
     for row in host_rows(config, open_store(config), set()):
         if row["state"] == "vpn-down":
-            unknown.add(row["provider"])
+            provider = config.providers.get(row["provider"])
+            unknown.add(provider.vpn_of(row["address"]).name if provider else row["provider"])
         elif row["state"] in ("disconnected", "revoked") and (row["last_seen"] or 0) < now - age:
             names.append(row["name"])
-    for provider in sorted(unknown):
-        sys.stderr.write(f"dynfarm: the hosts of {provider} are left alone: its VPN server does not run, so "
+    for vpn in sorted(unknown):
+        sys.stderr.write(f"dynfarm: the hosts of {vpn} are left alone: its VPN server does not run, so "
                          "which are connected is unknown\n")
     return names
 
@@ -2898,6 +2935,7 @@ class App:
         self.nonces = Nonces()
         self.guesses = Guesses()
         self.events = open_events(config)
+        check_slices(config, self.store)
         for fix in reconcile_state(config, self.store):
             log(f"state reconciled with the database: {fix}")
         self.retired_seen = 0  # the last retired row whose address free_from took into account
@@ -4484,7 +4522,7 @@ def gather_outputs(outputs):
 
 def host_rows(config, store, providers):
     """Hosts joined with their provider's live OpenVPN status; then the retired."""
-    live = {v.name: connected_clients(config, v.name) for p in config.providers.values() for v in p.vpns}
+    live = {v.name: connected_clients(config, v.name) for v in config.vpns}
     rows = []
     for host in store.hosts(providers):
         provider = config.providers.get(host["provider"])
@@ -5121,7 +5159,7 @@ def build_parser():
         description="Into site.conf's state_dir, which must hold no site yet: the backup's databases, CA "
                     "and keys; then what follows from them (OpenVPN configurations, client-config entries, "
                     "the CRL). site.conf must give the VMs what they know (public_address, the enrollment "
-                    "port, mode, each provider's port, protocol and subnet); restore refuses otherwise and "
+                    "port, mode, each provider's port, protocol, subnet, servers, pool); restore refuses otherwise and "
                     "says what differs. Then start 'vpn' and 'server': the VMs reconnect by themselves.")
     p.add_argument("file", metavar="FILE", help="an archive written by 'backup'")
     p.set_defaults(func=cmd_restore)
@@ -5164,7 +5202,7 @@ def build_parser():
     p = sub.add_parser(
         "units", help="print (or install) the systemd units that run the site",
         description="The site as systemd services: dynfarm-links (oneshot: links up at start, down at "
-                    "stop, before the VPN servers), dynfarm-vpn@PROVIDER (one OpenVPN server per provider) "
+                    "stop, before the VPN servers), dynfarm-vpn@SERVER (each OpenVPN server: PROVIDER, PROVIDER-1, ...) "
                     "and dynfarm-server (the enrollment server). They restart on failure, run with this "
                     "Python, this dynfarm.py and this site.conf, and may write only the state directory.")
     p.add_argument("--install", action="store_true", help="write them into DIR and say how to start them")

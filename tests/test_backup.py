@@ -222,6 +222,28 @@ def test_restore_refuses_a_damaged_or_foreign_archive(backed_up, capsys, tmp_pat
     refused(second, str(tmp_path / "nowhere.tar.gz"), capsys, "not a readable dynfarm backup")
 
 
+def test_backup_says_what_it_cannot_read_or_write(backed_up, capsys, tmp_path):
+    conf, _, _ = backed_up
+    assert dynfarm.main(["-c", conf, "backup", os.path.join(conf, "b.tar.gz")]) == 2     # under a file
+    assert "backup: cannot write " in capsys.readouterr().err
+    os.unlink(dynfarm.load_config(conf).state.tls_crypt_key("other"))
+    assert dynfarm.main(["-c", conf, "backup", str(tmp_path / "b.tar.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "openvpn/other.tlscrypt: No such file or directory; run 'dynfarm.py init' first" in err
+
+
+def test_restore_refuses_a_manifest_of_another_shape(backed_up, capsys, tmp_path):
+    _, second, archive = backed_up
+    files = members(archive)
+    manifest = json.loads(files["dynfarm-backup.json"])
+    bad = str(tmp_path / "bad.tar.gz")
+    for site in ({}, {"public_address": "x"}, dict(manifest["site"], providers={"aruba": 5})):
+        write_tar(bad, dict(files, **{"dynfarm-backup.json": json.dumps(dict(manifest, site=site)).encode()}))
+        refused(second, bad, capsys, "is not a dynfarm backup's")
+    write_tar(bad, dict(files, **{"dynfarm-backup.json": json.dumps(dict(manifest, taken_at=1e300)).encode()}))
+    refused(second, bad, capsys, "is not a dynfarm backup's")
+
+
 def test_backup_refuses_a_server_certificate_read_with_another_key(tmp_path, capsys):
     conf, _ = site_pair(str(tmp_path), 8443)
     assert dynfarm.main(["-c", conf, "init"]) == 0

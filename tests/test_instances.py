@@ -155,10 +155,9 @@ def test_links_wall_and_route_every_server(two):
         assert f"sysctl -qw -e net/ipv4/conf/{device}/forwarding=1" in do
         assert f"ip rule add iif {device} to 10.8.0.0/24 lookup main pref 4199" in do
         assert f"ip rule add iif {device} lookup 4200 pref 4200" in do
-    for a in ("df-aruba", "df-aruba-1"):                # the provider's VMs reach each other across servers
-        for b in ("df-aruba", "df-aruba-1"):
-            assert f"iptables -w -t filter -A DYNFARM-FWD -i {a} -o {b} -j ACCEPT" in do
-    assert not any("-i df-aruba -o df-other" in line for line in do)
+    for device in ("df-aruba", "df-aruba-1"):      # the provider's VMs reach each other across servers
+        assert f"iptables -w -t filter -A DYNFARM-FWD -i {device} -o df-+ -d 10.8.0.0/24 -j ACCEPT" in do
+    assert not any("-i df-aruba" in line and "10.9.0.0/29" in line for line in do)
 
 
 def test_the_server_puts_an_entry_where_its_host_belongs(two, make_csr, capfd):
@@ -174,6 +173,39 @@ def test_the_server_puts_an_entry_where_its_host_belongs(two, make_csr, capfd):
     assert "removed the client-config entries of hosts not enrolled: aruba-0002" in log
     assert "wrote missing or partial client-config entries: aruba-0002" in log
     assert os.listdir(config.state.ccd_dir("aruba-1")) == ["aruba-0002"]
+
+
+def test_a_server_added_after_init_gets_its_entries(tmp_path, make_csr):
+    """vpn_instances raised on a site with no hosts yet, the server restarted
+    without init: the new server's client-config directory is made at start."""
+    path = write_site(str(tmp_path), LOOPBACK_CONF.replace("vpn_port = 1195", "vpn_port = 1196"))
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    with open(path, "w") as f:
+        f.write(two_servers(LOOPBACK_CONF))
+    config = dynfarm.load_config(path)
+    app = dynfarm.App(config)
+    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
+    for _ in range(2):
+        status, answer, _ = call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))
+        assert status == 200, answer
+    assert os.listdir(config.state.ccd_dir("aruba-1")) == ["aruba-0002"]
+
+
+def test_the_server_refuses_hosts_a_new_count_leaves_astray(tmp_path, make_csr, capsys):
+    """Hosts enrolled with one server; then vpn_instances = 2 cuts 10.8.0.0/24 in
+    two, and 10.8.0.129 becomes the second server's own address."""
+    path = write_site(str(tmp_path), LOOPBACK_CONF.replace("vpn_port = 1195", "vpn_port = 1196"))
+    assert dynfarm.main(["-c", path, "init"]) == 0
+    app = dynfarm.App(dynfarm.load_config(path))
+    token, _ = dynfarm.new_token(app.store, "aruba", 1, 60)
+    assert call(app, "/v1/enroll", enroll_body(token, make_csr()[1]))[0] == 200
+    app.store.db.execute("UPDATE hosts SET address = '10.8.0.129'")
+    with open(path, "w") as f:
+        f.write(two_servers(LOOPBACK_CONF))
+    with pytest.raises(dynfarm.UsageError, match=r"1 enrolled host\(s\) outside the address ranges of their "
+                                                 r"provider's servers: aruba-0001 \(10.8.0.129\); vpn_instances "
+                                                 "changed after they enrolled: set it back, or retire them"):
+        dynfarm.App(dynfarm.load_config(path))
 
 
 def test_units_start_every_server(two, tmp_path):
