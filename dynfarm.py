@@ -468,6 +468,7 @@ def load_config(path):
         raise UsageError(f"{path}: no [provider:NAME] section; add one per cloud provider")
     check_no_overlap(providers, path)
     host, port = parse_listen(site["listen"], path)
+    check_ports_free(providers, port, links, path)
     if site["mode"] not in MODES:
         raise UsageError(f"{path}: [site] mode = {site['mode']}: expected one of {', '.join(MODES)}")
     if site["mode"] == "bridged":
@@ -637,6 +638,19 @@ def check_no_overlap(providers, path):
             if shared and p.vpn_proto == other.vpn_proto:
                 raise UsageError(f"{path}: '{p.name}' and '{other.name}' both use {p.vpn_proto} port {min(shared)}")
         seen.append(p)
+
+
+def check_ports_free(providers, listen_port, links, path):
+    """A VPN server's port must not be the enrollment server's (tcp) or the
+    vxlan links' (udp, 4789) on the same host: one of them would not start."""
+    taken = {("tcp", listen_port): "the enrollment server's ([site] listen)"}
+    if any(link.encap == "vxlan" for link in links.values()):
+        taken[("udp", VXLAN_PORT)] = "the vxlan links'"
+    for provider in providers.values():
+        for vpn in provider.vpns:
+            if (provider.vpn_proto, vpn.port) in taken:
+                raise UsageError(f"{path}: [provider:{provider.name}] its server {vpn.name} would use "
+                                 f"{provider.vpn_proto} port {vpn.port}, {taken[(provider.vpn_proto, vpn.port)]}")
 
 
 def parse_duration(text):

@@ -69,6 +69,17 @@ def test_instances_that_clash_or_do_not_fit_are_refused(tmp_path, capsys):
     assert "device df-arubacloud1-1 would be over 15 bytes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, error", [
+    (("vpn_port = 1194", "vpn_port = 8442\nvpn_proto = tcp"),
+     "its server aruba-1 would use tcp port 8443, the enrollment server's ([site] listen)"),
+    (("vpn_port = 1194", "vpn_port = 4788"), "its server aruba-1 would use udp port 4789, the vxlan links'"),
+])
+def test_a_server_port_taken_on_the_same_host_is_refused(tmp_path, capsys, change, error):
+    conf = two_servers(LOOPBACK_CONF).replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:8443").replace(*change)
+    path = write_site(str(tmp_path), conf)
+    assert dynfarm.main(["-c", path, "token", "list"]) == 2
+    assert error in capsys.readouterr().err
+
 def test_auto_is_this_machines_cores(tmp_path):
     path = write_site(str(tmp_path), LOOPBACK_CONF.replace(
         "vpn_subnet = 10.8.0.0/24\n", "vpn_subnet = 10.8.0.0/22\nvpn_instances = auto\n").replace(
