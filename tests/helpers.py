@@ -7,6 +7,7 @@ are told, the request timeout and aruba's source networks differ.
 """
 
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -156,6 +157,12 @@ class Machine:
         self.body = enroll_body(token, dynfarm.make_csr(self.key, "dynfarm-client"), machine_id=f"m{index}")
         self.answer = None
         self.tries = 0
+
+    @classmethod
+    def many(cls, tmp, token, count):
+        """count machines, their keys made in parallel (openssl, a process each)."""
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda i: cls(tmp, i, token), range(count)))
 
     def enroll(self, port, ctx, deadline):
         while time.monotonic() < deadline:

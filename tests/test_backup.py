@@ -56,8 +56,7 @@ def test_a_backup_taken_during_a_burst_restores_the_site_it_saw(tmp_path):
     assert dynfarm.main(["-c", conf, "init"]) == 0
     config = dynfarm.load_config(conf)
     token, _ = dynfarm.new_token(dynfarm.open_store(config), "aruba", BURST + 10, 3600)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        machines = list(pool.map(lambda i: Machine(tmp, i, token), range(BURST)))
+    machines = Machine.many(tmp, token, BURST)
     ctx = ssl.create_default_context(cafile=config.state.ca_cert)
     archive = os.path.join(tmp, "site-backup.tar.gz")
     log = open(tmp_path / "server.log", "ab")
@@ -132,18 +131,25 @@ def test_a_backup_taken_during_a_burst_restores_the_site_it_saw(tmp_path):
     assert "restored" in [e["kind"] for e in dynfarm.open_events(restored_config).events()]
 
 
-@pytest.fixture
-def backed_up(tmp_path):
-    """A site with three hosts, its backup, and the second site.conf to restore it with."""
+def enrolled_site(tmp_path, hosts):
+    """An initialised site with hosts enrolled in-process: (conf, second conf,
+    config, token, the machines' key paths)."""
     conf, second = site_pair(str(tmp_path), 8443)
     assert dynfarm.main(["-c", conf, "init"]) == 0
     config = dynfarm.load_config(conf)
     app = dynfarm.App(config)
-    token, _ = dynfarm.new_token(app.store, "aruba", 3, 60)
-    for i in range(3):
-        key = str(tmp_path / f"k{i}.key")
+    token, _ = dynfarm.new_token(app.store, "aruba", hosts, 60)
+    keys = [str(tmp_path / f"k{i}.key") for i in range(hosts)]
+    for key in keys:
         dynfarm.make_key(key)
         assert call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "c")))[0] == 200
+    return conf, second, config, token, keys
+
+
+@pytest.fixture
+def backed_up(tmp_path):
+    """A site with three hosts, its backup, and the second site.conf to restore it with."""
+    conf, second, _, _, _ = enrolled_site(tmp_path, 3)
     archive = str(tmp_path / "backup.tar.gz")
     assert dynfarm.main(["-c", conf, "backup", archive]) == 0
     return conf, second, archive
@@ -256,15 +262,7 @@ def test_backup_refuses_a_server_certificate_read_with_another_key(tmp_path, cap
 
 
 def test_a_restored_site_still_refuses_the_revoked(tmp_path):
-    conf, second = site_pair(str(tmp_path), 8443)
-    assert dynfarm.main(["-c", conf, "init"]) == 0
-    config = dynfarm.load_config(conf)
-    app = dynfarm.App(config)
-    token, _ = dynfarm.new_token(app.store, "aruba", 2, 60)
-    keys = [str(tmp_path / f"k{i}.key") for i in range(2)]
-    for key in keys:
-        dynfarm.make_key(key)
-        assert call(app, "/v1/enroll", enroll_body(token, dynfarm.make_csr(key, "c")))[0] == 200
+    conf, second, config, token, keys = enrolled_site(tmp_path, 2)
     assert dynfarm.main(["-c", conf, "revoke", "aruba-0001"]) == 0
     archive = str(tmp_path / "backup.tar.gz")
     assert dynfarm.main(["-c", conf, "backup", archive]) == 0

@@ -54,8 +54,7 @@ def test_a_burst_survives_a_sigkill_of_the_server(tmp_path):
     config = dynfarm.load_config(conf)
     store = dynfarm.open_store(config)
     token, _ = dynfarm.new_token(store, "aruba", 200, 3600)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        machines = list(pool.map(lambda i: Machine(str(tmp_path), i, token), range(200)))
+    machines = Machine.many(str(tmp_path), token, 200)
     ctx = ssl.create_default_context(cafile=config.state.ca_cert)
     log = open(tmp_path / "server.log", "ab")
     server = start_server(conf, log)
